@@ -1,0 +1,18 @@
+//! The datapath. Programs stay small and flat: look up, pick, rewrite.
+//! All the semantics (which backends, in what order, which frontends) are
+//! decided by the agent's model and arrive here as map contents.
+#![no_std]
+#![no_main]
+
+mod maps;
+mod sock;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

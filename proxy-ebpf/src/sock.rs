@@ -1,0 +1,187 @@
+//! Socket-level load balancing (cgroup v2 sock_addr hooks): the destination
+//! of `connect()` and unconnected `sendmsg()` is rewritten from a frontend to
+//! a backend once, so there is no per-packet NAT and no conntrack; the
+//! reverse is shown to the application by `recvmsg()` and `getpeername()`.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_set_retval,
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use proxy_common::{
+    AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue,
+    SockRevNatKey, SockRevNatValue, proto,
+};
+
+use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, COUNTERS, SERVICES, SOCK_REV_NAT};
+
+/// sock_addr verdicts.
+const REJECT: i32 = 0;
+const PROCEED: i32 = 1;
+const ECONNREFUSED: i32 = 111;
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb4_connect(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb4_sendmsg(ctx: SockAddrContext) -> i32 {
+    translate_to_backend(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb4_recvmsg(ctx: SockAddrContext) -> i32 {
+    translate_to_frontend(&ctx);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb4_getpeername(ctx: SockAddrContext) -> i32 {
+    translate_to_frontend(&ctx);
+    PROCEED
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer runs concurrently on this CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+/// Frontend -> backend. Sockets to anything that is not a frontend pass
+/// untouched.
+#[inline(always)]
+fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    let protocol = unsafe { (*sa).protocol };
+    if protocol != proto::TCP as u32 && protocol != proto::UDP as u32 {
+        return PROCEED;
+    }
+    let frontend_addr = unsafe { (*sa).user_ip4 };
+    let frontend_port = unsafe { (*sa).user_port } as u16;
+    let master_key = ServiceKey::new(frontend_addr, frontend_port, protocol as u8, 0);
+    let Some(master) = SERVICES.get_ptr(master_key) else {
+        return PROCEED;
+    };
+    let master = unsafe { *master };
+    if master.count == 0 {
+        // Rule 21: no usable endpoint refuses at once instead of timing out.
+        count(Counter::RejectedNoBackend);
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REJECT;
+    }
+    let Some(backend_id) = select_backend(ctx, &master_key, &master) else {
+        return refuse_inconsistent();
+    };
+    let Some(backend) = BACKENDS.get_ptr(backend_id) else {
+        return refuse_inconsistent();
+    };
+    let backend = unsafe { *backend };
+
+    let rev_key = SockRevNatKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: backend.addr,
+        port: backend.port,
+        _pad0: 0,
+    };
+    let rev_value = SockRevNatValue {
+        addr: frontend_addr,
+        port: frontend_port,
+        _pad0: 0,
+    };
+    if SOCK_REV_NAT.insert(rev_key, rev_value, 0).is_err() {
+        count(Counter::RevNatStoreFailed);
+    }
+    unsafe {
+        (*sa).user_ip4 = backend.addr;
+        (*sa).user_port = backend.port as u32;
+    }
+    count(Counter::Translated);
+    PROCEED
+}
+
+/// The maps disagree with themselves (a slot or backend is missing): refuse
+/// and count it rather than let the socket reach the frontend address.
+#[inline(always)]
+fn refuse_inconsistent() -> i32 {
+    count(Counter::MissingBackend);
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
+}
+
+/// The backend for a new flow: the client's affinity entry while it is fresh
+/// and still points into the selected set (rule 23), otherwise a uniform pick.
+#[inline(always)]
+fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &ServiceValue) -> Option<u32> {
+    if master.affinity_timeout == 0 {
+        return pick_slot(master_key, master.count);
+    }
+    let now = (unsafe { bpf_ktime_get_ns() } / NANOS_PER_SEC) as u32;
+    let affinity_key = AffinityKey {
+        client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        svc_id: master.svc_id,
+        _pad0: 0,
+    };
+    let mut backend_id = 0;
+    if let Some(entry) = AFFINITY.get_ptr(affinity_key) {
+        let entry = unsafe { *entry };
+        let fresh = now.wrapping_sub(entry.last_used) <= master.affinity_timeout;
+        let selected = AFFINITY_MATCH
+            .get_ptr(AffinityMatchKey {
+                backend_id: entry.backend_id,
+                svc_id: master.svc_id,
+            })
+            .is_some();
+        if fresh && selected {
+            count(Counter::AffinityHit);
+            backend_id = entry.backend_id;
+        }
+    }
+    if backend_id == 0 {
+        backend_id = pick_slot(master_key, master.count)?;
+    }
+    let refreshed = AffinityValue {
+        backend_id,
+        last_used: now,
+    };
+    // A failed refresh only costs stickiness for the next flow.
+    let _ = AFFINITY.insert(affinity_key, refreshed, 0);
+    Some(backend_id)
+}
+
+/// Uniform slot in `1..=count` by multiply-shift (no division, no modulo
+/// bias worth the name for counts far below 2^32).
+#[inline(always)]
+fn pick_slot(master_key: &ServiceKey, count: u16) -> Option<u32> {
+    let random = unsafe { bpf_get_prandom_u32() } as u64;
+    let slot = ((random * count as u64) >> 32) as u16 + 1;
+    let slot_key = ServiceKey { slot, ..*master_key };
+    SERVICES.get_ptr(slot_key).map(|value| unsafe { (*value).backend_id })
+}
+
+/// Backend -> frontend, for sockets this program translated.
+#[inline(always)]
+fn translate_to_frontend(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    let key = SockRevNatKey {
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        addr: unsafe { (*sa).user_ip4 },
+        port: unsafe { (*sa).user_port } as u16,
+        _pad0: 0,
+    };
+    if let Some(frontend) = SOCK_REV_NAT.get_ptr(key) {
+        let frontend = unsafe { *frontend };
+        unsafe {
+            (*sa).user_ip4 = frontend.addr;
+            (*sa).user_port = frontend.port as u32;
+        }
+        count(Counter::RevNatApplied);
+    }
+}

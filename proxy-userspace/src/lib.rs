@@ -1,0 +1,17 @@
+//! The agent and operator CLI of the eBPF service proxy, as a library so
+//! the integration tests drive the same code.
+//!
+//! Data flows one way, and the modules read in that order:
+//! [`source`] (manifests) -> [`model`] (pure semantics) -> [`reconciler`]
+//! (diff and ordered writes) -> [`maps`] (pinned BPF maps) -> [`programs`]
+//! (load, attach, pin). [`agent`] wires them; [`inspect`] reads the pinned
+//! maps back for operators; [`health`] serves `/healthz`.
+
+pub mod agent;
+pub mod health;
+pub mod inspect;
+pub mod maps;
+pub mod model;
+pub mod programs;
+pub mod reconciler;
+pub mod source;

@@ -1,0 +1,167 @@
+//! `ebpf-proxy`: the node agent and the operator's view of the datapath.
+
+use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use proxy_userspace::{agent, inspect, programs};
+
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
+
+#[derive(Parser)]
+#[command(
+    name = "ebpf-proxy",
+    version,
+    about = "eBPF service proxy for Kubernetes (kube-proxy replacement)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: attach the datapath and keep it in sync.
+    Agent(AgentArgs),
+    /// List the frontends the datapath holds and the backends they select.
+    Services(ListArgs),
+    /// List the backends the datapath holds.
+    Backends(ListArgs),
+    /// Show the datapath's event counters.
+    Counters(ListArgs),
+    /// Detach the programs and drop every pinned map (stops translation).
+    Uninstall {
+        #[arg(long, default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Directory of Service, EndpointSlice, Endpoints and Node manifests
+    /// (*.yaml, *.yml, *.json; multi-document); changes apply within 1 s.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// This node's name; decides which endpoints are local. Default: the host name.
+    #[arg(long)]
+    hostname_override: Option<String>,
+    /// cgroup v2 directory whose processes get socket-level translation.
+    /// Default: the cgroup2 root.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Where maps and links are pinned; two agents need two directories.
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// Address of /healthz and /livez.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: SocketAddr,
+    /// A change that waits longer than this to be programmed fails /healthz.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    health_timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct ListArgs {
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Agent(args) => run_agent(args),
+        Command::Services(args) => {
+            let rows = inspect::frontends(&args.bpffs)?;
+            print(
+                args.output,
+                || serde_json::json!(rows),
+                || inspect::frontends_table(&rows),
+            )
+        }
+        Command::Backends(args) => {
+            let backends = inspect::backends(&args.bpffs)?;
+            print(
+                args.output,
+                || inspect::backends_json(&backends),
+                || inspect::backends_table(&backends),
+            )
+        }
+        Command::Counters(args) => {
+            let rows = inspect::counters(&args.bpffs)?;
+            print(
+                args.output,
+                || serde_json::json!(rows),
+                || inspect::counters_table(&rows),
+            )
+        }
+        Command::Uninstall { bpffs } => programs::uninstall(&bpffs),
+    }
+}
+
+fn print(
+    output: Output,
+    json: impl FnOnce() -> serde_json::Value,
+    table: impl FnOnce() -> String,
+) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&json())?),
+        Output::Table => print!("{}", table()),
+    }
+    Ok(())
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    let node_name = match args.hostname_override {
+        Some(name) => name,
+        None => hostname()?,
+    };
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => programs::default_cgroup2()?,
+    };
+    let config = agent::AgentConfig {
+        manifests: args.manifests,
+        node_name,
+        cgroup,
+        bpffs: args.bpffs,
+        healthz_bind_address: args.healthz_bind_address,
+        poll_interval: Duration::from_millis(250),
+        health_timeout: args.health_timeout,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(agent::run(config))
+}
+
+/// The kernel's host name, lowercased as Kubernetes node names are.
+fn hostname() -> Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_lowercase())
+}

@@ -1,0 +1,1246 @@
+//! Validated views of the API objects the proxy reads. Conversion is where
+//! hostile or broken input stops: an object either becomes one of these
+//! types, is ignored for a documented reason ([`Admission::Ignored`]), or is
+//! rejected with a typed reason ([`InvalidObject`]) that the source logs
+//! with the object's origin.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{EndpointAddress, EndpointSubset, Endpoints, Node, Service, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use serde::Serialize;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Transport protocols the datapath translates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// A proxied Service (IPv4 family).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub key: ObjectKey,
+    /// The IPv4 entry of `spec.clusterIPs` (or `spec.clusterIP`).
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePortInfo>,
+    /// `Some(seconds)` when `sessionAffinity: ClientIP` (default 10800).
+    pub affinity_timeout: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    /// `spec.ports[].name`, "" when unnamed.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A proxied EndpointSlice (addressType IPv4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceInfo {
+    pub key: ObjectKey,
+    /// The Service named by the `kubernetes.io/service-name` label.
+    pub service: String,
+    pub ports: Vec<SlicePortInfo>,
+    pub endpoints: Vec<EndpointInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlicePortInfo {
+    /// `ports[].name`, "" when unnamed.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// One endpoint, conditions already defaulted (rule 6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// `addresses[0]`.
+    pub addr: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
+    pub zone_hints: Vec<String>,
+}
+
+/// What the proxy needs of its own Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// The `topology.kubernetes.io/zone` label.
+    pub zone: Option<String>,
+}
+
+/// A valid object is either proxied or ignored by rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission<T> {
+    Proxied(T),
+    Ignored(IgnoreReason),
+}
+
+/// Why a valid object programs nothing.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IgnoreReason {
+    #[error("label service.kubernetes.io/service-proxy-name is set (rule 1)")]
+    ServiceProxyName,
+    #[error("label service.kubernetes.io/headless is set (rule 1)")]
+    HeadlessLabel,
+    #[error("clusterIP is empty or None (rule 2)")]
+    Headless,
+    #[error("type ExternalName is DNS only (rule 2)")]
+    ExternalName,
+    #[error("no IPv4 address family (rule 35)")]
+    OtherAddressFamily,
+}
+
+/// Why an object is rejected. The source logs it with the object's origin
+/// and keeps the last good version of the object.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidObject {
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    #[error("{field}: invalid IP address {value:?}")]
+    InvalidIp { field: &'static str, value: String },
+    #[error("{field}: port {value} out of range 1-65535")]
+    PortOutOfRange { field: &'static str, value: i32 },
+    #[error("{field}: unsupported protocol {value:?}")]
+    UnsupportedProtocol { field: &'static str, value: String },
+    #[error("{field}: invalid value {value:?}")]
+    InvalidValue { field: &'static str, value: String },
+}
+
+/// Rules 1, 2, 35: which Services are proxied, and their validated view.
+pub fn service(svc: &Service) -> Result<Admission<ServiceInfo>, InvalidObject> {
+    let key = object_key(&svc.metadata)?;
+    if let Some(reason) = ignored_by_label(&svc.metadata) {
+        return Ok(Admission::Ignored(reason));
+    }
+    let spec = svc
+        .spec
+        .as_ref()
+        .ok_or(InvalidObject::MissingField("spec"))?;
+    if is_external_name(spec)? {
+        return Ok(Admission::Ignored(IgnoreReason::ExternalName));
+    }
+    let cluster_ip = match cluster_ipv4(spec)? {
+        Ok(ip) => ip,
+        Err(reason) => return Ok(Admission::Ignored(reason)),
+    };
+    Ok(Admission::Proxied(ServiceInfo {
+        key,
+        cluster_ip,
+        ports: service_ports(spec)?,
+        affinity_timeout: affinity_timeout(spec)?,
+    }))
+}
+
+/// Rules 1, 5, 6, 35: which EndpointSlices are used, and their validated view.
+pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Admission<SliceInfo>, InvalidObject> {
+    let key = object_key(&slice.metadata)?;
+    if let Some(reason) = ignored_by_label(&slice.metadata) {
+        return Ok(Admission::Ignored(reason));
+    }
+    match slice.address_type.as_str() {
+        "IPv4" => {}
+        "IPv6" | "FQDN" => return Ok(Admission::Ignored(IgnoreReason::OtherAddressFamily)),
+        "" => return Err(InvalidObject::MissingField("addressType")),
+        other => return Err(invalid_value("addressType", other)),
+    }
+    let service = label(&slice.metadata, LABEL_SERVICE_NAME)
+        .filter(|name| !name.is_empty())
+        .ok_or(InvalidObject::MissingField(
+            "metadata.labels[kubernetes.io/service-name]",
+        ))?;
+    let ports = slice_ports(
+        slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.port, p.protocol.as_deref())),
+        SLICE_PORT_FIELDS,
+    )?;
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .map(slice_endpoint)
+        .collect::<Result<_, _>>()?;
+    Ok(Admission::Proxied(SliceInfo {
+        key,
+        service: service.to_owned(),
+        ports,
+        endpoints,
+    }))
+}
+
+/// Rule 7: `v1/Endpoints` become the slices the cluster would mirror.
+pub fn endpoints(endpoints: &Endpoints) -> Result<Admission<Vec<SliceInfo>>, InvalidObject> {
+    let key = object_key(&endpoints.metadata)?;
+    if let Some(reason) = ignored_by_label(&endpoints.metadata) {
+        return Ok(Admission::Ignored(reason));
+    }
+    let slices = endpoints
+        .subsets
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, subset)| mirrored_slice(&key, index, subset))
+        .collect::<Result<_, _>>()?;
+    Ok(Admission::Proxied(slices))
+}
+
+pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .filter(|name| !name.is_empty())
+        .ok_or(InvalidObject::MissingField("metadata.name"))?;
+    // kube-proxy treats an empty zone label as no zone (no topology).
+    let zone = label(&node.metadata, LABEL_ZONE)
+        .filter(|zone| !zone.is_empty())
+        .map(str::to_owned);
+    Ok(NodeInfo { name, zone })
+}
+
+const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
+const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
+const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+
+/// Rule 23: the API server's default and maximum.
+const DEFAULT_AFFINITY_TIMEOUT: i32 = 10800;
+const MAX_AFFINITY_TIMEOUT: i32 = 86400;
+
+/// Where each part of a port list lives in its object, for error messages.
+#[derive(Clone, Copy)]
+struct PortFields {
+    name: &'static str,
+    port: &'static str,
+    protocol: &'static str,
+}
+
+const SERVICE_PORT_FIELDS: PortFields = PortFields {
+    name: "spec.ports[].name",
+    port: "spec.ports[].port",
+    protocol: "spec.ports[].protocol",
+};
+
+const SLICE_PORT_FIELDS: PortFields = PortFields {
+    name: "ports[].name",
+    port: "ports[].port",
+    protocol: "ports[].protocol",
+};
+
+const SUBSET_PORT_FIELDS: PortFields = PortFields {
+    name: "subsets[].ports[].name",
+    port: "subsets[].ports[].port",
+    protocol: "subsets[].ports[].protocol",
+};
+
+/// Manifests often omit the namespace; the API server would default it.
+fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, InvalidObject> {
+    let name = meta
+        .name
+        .as_deref()
+        .filter(|name| !name.is_empty())
+        .ok_or(InvalidObject::MissingField("metadata.name"))?;
+    let namespace = meta
+        .namespace
+        .as_deref()
+        .filter(|namespace| !namespace.is_empty())
+        .unwrap_or("default");
+    Ok(ObjectKey {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Rule 1: the label selector kube-proxy watches with, on both kinds.
+fn ignored_by_label(meta: &ObjectMeta) -> Option<IgnoreReason> {
+    if label(meta, LABEL_SERVICE_PROXY_NAME).is_some() {
+        Some(IgnoreReason::ServiceProxyName)
+    } else if label(meta, LABEL_HEADLESS).is_some() {
+        Some(IgnoreReason::HeadlessLabel)
+    } else {
+        None
+    }
+}
+
+/// Rule 2. Unknown types are rejected rather than served as ClusterIP, so a
+/// typo does not silently lose its NodePort.
+fn is_external_name(spec: &ServiceSpec) -> Result<bool, InvalidObject> {
+    match spec.type_.as_deref() {
+        Some("ExternalName") => Ok(true),
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => Ok(false),
+        Some(other) => Err(invalid_value("spec.type", other)),
+    }
+}
+
+/// Rules 2 and 35: the IPv4 cluster IP, or why there is none to serve.
+fn cluster_ipv4(spec: &ServiceSpec) -> Result<Result<Ipv4Addr, IgnoreReason>, InvalidObject> {
+    let (field, candidates): (_, &[String]) = match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ("spec.clusterIPs", ips),
+        _ => ("spec.clusterIP", spec.cluster_ip.as_slice()),
+    };
+    match candidates.first().map(String::as_str) {
+        None | Some("" | "None") => return Ok(Err(IgnoreReason::Headless)),
+        Some(_) => {}
+    }
+    let mut ipv4 = None;
+    for candidate in candidates {
+        match parse_ip(field, candidate)? {
+            IpAddr::V4(ip) => ipv4 = ipv4.or(Some(unicast(field, ip)?)),
+            IpAddr::V6(_) => {}
+        }
+    }
+    Ok(ipv4.ok_or(IgnoreReason::OtherAddressFamily))
+}
+
+fn parse_ip(field: &'static str, value: &str) -> Result<IpAddr, InvalidObject> {
+    value.parse().map_err(|_| InvalidObject::InvalidIp {
+        field,
+        value: value.to_owned(),
+    })
+}
+
+fn parse_ipv4(field: &'static str, value: &str) -> Result<Ipv4Addr, InvalidObject> {
+    match parse_ip(field, value)? {
+        IpAddr::V4(ip) => unicast(field, ip),
+        IpAddr::V6(_) => Err(InvalidObject::InvalidIp {
+            field,
+            value: value.to_owned(),
+        }),
+    }
+}
+
+/// Addresses no flow can be translated to or from are hostile input.
+fn unicast(field: &'static str, ip: Ipv4Addr) -> Result<Ipv4Addr, InvalidObject> {
+    if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+        Err(InvalidObject::InvalidIp {
+            field,
+            value: ip.to_string(),
+        })
+    } else {
+        Ok(ip)
+    }
+}
+
+fn service_ports(spec: &ServiceSpec) -> Result<Vec<ServicePortInfo>, InvalidObject> {
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            Ok(ServicePortInfo {
+                name: p.name.clone().unwrap_or_default(),
+                protocol: protocol(p.protocol.as_deref(), SERVICE_PORT_FIELDS.protocol)?,
+                port: port_number(p.port, SERVICE_PORT_FIELDS.port)?,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_unique_names(
+        ports.iter().map(|p| (p.name.as_str(), p.protocol)),
+        SERVICE_PORT_FIELDS.name,
+    )?;
+    Ok(ports)
+}
+
+/// Rule 23.
+fn affinity_timeout(spec: &ServiceSpec) -> Result<Option<u32>, InvalidObject> {
+    const FIELD: &str = "spec.sessionAffinityConfig.clientIP.timeoutSeconds";
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(None),
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|config| config.client_ip.as_ref())
+                .and_then(|client_ip| client_ip.timeout_seconds)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT);
+            if (1..=MAX_AFFINITY_TIMEOUT).contains(&timeout) {
+                Ok(Some(timeout.unsigned_abs()))
+            } else {
+                Err(invalid_value(FIELD, &timeout.to_string()))
+            }
+        }
+        Some(other) => Err(invalid_value("spec.sessionAffinity", other)),
+    }
+}
+
+/// Rule 5: a port without a number is skipped, not an error.
+fn slice_ports<'a>(
+    ports: impl IntoIterator<Item = (Option<&'a str>, Option<i32>, Option<&'a str>)>,
+    fields: PortFields,
+) -> Result<Vec<SlicePortInfo>, InvalidObject> {
+    let mut valid = Vec::new();
+    for (name, port, protocol_name) in ports {
+        let Some(port) = port else { continue };
+        valid.push(SlicePortInfo {
+            name: name.unwrap_or_default().to_owned(),
+            protocol: protocol(protocol_name, fields.protocol)?,
+            port: port_number(port, fields.port)?,
+        });
+    }
+    check_unique_names(
+        valid.iter().map(|p| (p.name.as_str(), p.protocol)),
+        fields.name,
+    )?;
+    Ok(valid)
+}
+
+/// Two ports with one (name, protocol) would make the service port (rule 4)
+/// ambiguous.
+fn check_unique_names<'a>(
+    ports: impl IntoIterator<Item = (&'a str, Protocol)>,
+    field: &'static str,
+) -> Result<(), InvalidObject> {
+    let mut seen = HashSet::new();
+    for (name, protocol) in ports {
+        if !seen.insert((name, protocol)) {
+            return Err(invalid_value(
+                field,
+                &format!("{name}/{}", protocol.as_str()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// SCTP and unknown protocols reject the whole object: a clear error beats a
+/// silently half-programmed service.
+fn protocol(value: Option<&str>, field: &'static str) -> Result<Protocol, InvalidObject> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some(other) => Err(InvalidObject::UnsupportedProtocol {
+            field,
+            value: other.to_owned(),
+        }),
+    }
+}
+
+fn port_number(value: i32, field: &'static str) -> Result<u16, InvalidObject> {
+    u16::try_from(value)
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or(InvalidObject::PortOutOfRange { field, value })
+}
+
+fn invalid_value(field: &'static str, value: &str) -> InvalidObject {
+    InvalidObject::InvalidValue {
+        field,
+        value: value.to_owned(),
+    }
+}
+
+/// Rules 5 and 6.
+fn slice_endpoint(endpoint: &Endpoint) -> Result<EndpointInfo, InvalidObject> {
+    const FIELD: &str = "endpoints[].addresses";
+    let address = endpoint
+        .addresses
+        .first()
+        .ok_or(InvalidObject::MissingField(FIELD))?;
+    let conditions = endpoint.conditions.as_ref();
+    let zone_hints = endpoint
+        .hints
+        .as_ref()
+        .and_then(|hints| hints.for_zones.as_ref())
+        .map(|zones| zones.iter().map(|zone| zone.name.clone()).collect())
+        .unwrap_or_default();
+    Ok(EndpointInfo {
+        addr: parse_ipv4(FIELD, address)?,
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        node_name: endpoint.node_name.clone(),
+        zone_hints,
+    })
+}
+
+/// Rule 7: one subset, as the EndpointSlice mirroring controller writes it.
+fn mirrored_slice(
+    key: &ObjectKey,
+    index: usize,
+    subset: &EndpointSubset,
+) -> Result<SliceInfo, InvalidObject> {
+    // `port` is required in v1/Endpoints, so an absent one reads as 0.
+    let ports = subset.ports.iter().flatten().map(|p| {
+        (
+            p.name.as_deref(),
+            Some(p.port).filter(|&port| port != 0),
+            p.protocol.as_deref(),
+        )
+    });
+    let mut endpoints = mirrored_endpoints(
+        subset.addresses.as_deref(),
+        true,
+        "subsets[].addresses[].ip",
+    )?;
+    endpoints.extend(mirrored_endpoints(
+        subset.not_ready_addresses.as_deref(),
+        false,
+        "subsets[].notReadyAddresses[].ip",
+    )?);
+    Ok(SliceInfo {
+        key: ObjectKey {
+            namespace: key.namespace.clone(),
+            name: format!("{}-mirrored-{index}", key.name),
+        },
+        service: key.name.clone(),
+        ports: slice_ports(ports, SUBSET_PORT_FIELDS)?,
+        endpoints,
+    })
+}
+
+/// Mirrored endpoints are serving exactly when ready and never terminating.
+fn mirrored_endpoints(
+    addresses: Option<&[EndpointAddress]>,
+    ready: bool,
+    field: &'static str,
+) -> Result<Vec<EndpointInfo>, InvalidObject> {
+    let mut endpoints = Vec::new();
+    for address in addresses.unwrap_or_default() {
+        // IPv6 addresses belong to the other family's datapath (rule 35).
+        if let IpAddr::V4(ip) = parse_ip(field, &address.ip)? {
+            endpoints.push(EndpointInfo {
+                addr: unicast(field, ip)?,
+                ready,
+                serving: ready,
+                terminating: false,
+                node_name: address.node_name.clone(),
+                zone_hints: Vec::new(),
+            });
+        }
+    }
+    Ok(endpoints)
+}
+
+impl Protocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+        serde_yaml::from_str(yaml).expect("test object parses")
+    }
+
+    fn key(namespace: &str, name: &str) -> ObjectKey {
+        ObjectKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// A valid ClusterIP Service with `extra` appended to its spec.
+    fn service_with_spec(extra: &str) -> Service {
+        parse(&format!(
+            "metadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80}}]\n{extra}"
+        ))
+    }
+
+    fn proxied_service(svc: &Service) -> ServiceInfo {
+        match service(svc) {
+            Ok(Admission::Proxied(info)) => info,
+            other => panic!("expected a proxied service, got {other:?}"),
+        }
+    }
+
+    fn proxied_slice(slice: &EndpointSlice) -> SliceInfo {
+        match endpoint_slice(slice) {
+            Ok(Admission::Proxied(info)) => info,
+            other => panic!("expected a proxied slice, got {other:?}"),
+        }
+    }
+
+    fn endpoint(addr: &str, ready: bool, serving: bool, terminating: bool) -> EndpointInfo {
+        EndpointInfo {
+            addr: ip(addr),
+            ready,
+            serving,
+            terminating,
+            node_name: None,
+            zone_hints: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn valid_service_is_converted() {
+        let svc: Service = parse(
+            "
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10]
+  ports:
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP}
+",
+        );
+        assert_eq!(
+            proxied_service(&svc),
+            ServiceInfo {
+                key: key("shop", "web"),
+                cluster_ip: ip("10.96.0.10"),
+                ports: vec![
+                    ServicePortInfo {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 80
+                    },
+                    ServicePortInfo {
+                        name: "dns".into(),
+                        protocol: Protocol::Udp,
+                        port: 53
+                    },
+                ],
+                affinity_timeout: None,
+            }
+        );
+    }
+
+    #[test]
+    fn missing_namespace_defaults_and_unnamed_port_protocol_defaults() {
+        let svc: Service =
+            parse("metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}");
+        let info = proxied_service(&svc);
+        assert_eq!(info.key, key("default", "web"));
+        assert_eq!(
+            info.ports,
+            vec![ServicePortInfo {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80
+            }]
+        );
+    }
+
+    #[test]
+    fn rule_01_service_labels_are_ignored() {
+        let cases = [
+            (
+                "service.kubernetes.io/service-proxy-name: other",
+                IgnoreReason::ServiceProxyName,
+            ),
+            (
+                "service.kubernetes.io/service-proxy-name: ''",
+                IgnoreReason::ServiceProxyName,
+            ),
+            (
+                "service.kubernetes.io/headless: ''",
+                IgnoreReason::HeadlessLabel,
+            ),
+        ];
+        for (labels, reason) in cases {
+            let svc: Service = parse(&format!(
+                "metadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}"
+            ));
+            assert_eq!(service(&svc), Ok(Admission::Ignored(reason)), "{labels}");
+        }
+    }
+
+    #[test]
+    fn rule_01_proxy_name_label_is_ignored() {
+        let slice: EndpointSlice = parse(
+            "
+metadata:
+  name: web-abc
+  labels: {kubernetes.io/service-name: web, service.kubernetes.io/service-proxy-name: other}
+addressType: IPv4
+endpoints: []
+",
+        );
+        assert_eq!(
+            endpoint_slice(&slice),
+            Ok(Admission::Ignored(IgnoreReason::ServiceProxyName))
+        );
+        let endpoints_object: Endpoints = parse(
+            "metadata: {name: web, labels: {service.kubernetes.io/headless: ''}}\nsubsets: []",
+        );
+        assert_eq!(
+            endpoints(&endpoints_object),
+            Ok(Admission::Ignored(IgnoreReason::HeadlessLabel))
+        );
+    }
+
+    #[test]
+    fn rule_02_external_name_is_ignored() {
+        let svc: Service =
+            parse("metadata: {name: web}\nspec: {type: ExternalName, externalName: example.com}");
+        assert_eq!(
+            service(&svc),
+            Ok(Admission::Ignored(IgnoreReason::ExternalName))
+        );
+    }
+
+    #[test]
+    fn rule_02_headless_is_ignored() {
+        let specs = [
+            "{ports: [{port: 80}]}",
+            "{clusterIP: '', ports: [{port: 80}]}",
+            "{clusterIP: None, ports: [{port: 80}]}",
+            "{clusterIP: None, clusterIPs: [None], ports: [{port: 80}]}",
+        ];
+        for spec in specs {
+            let svc: Service = parse(&format!("metadata: {{name: web}}\nspec: {spec}"));
+            assert_eq!(
+                service(&svc),
+                Ok(Admission::Ignored(IgnoreReason::Headless)),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_35_ipv4_cluster_ip_is_picked() {
+        let cases = [
+            ("{clusterIP: 10.96.0.10}", "10.96.0.10"),
+            ("{clusterIPs: [10.96.0.11]}", "10.96.0.11"),
+            (
+                "{clusterIP: 'fd00::10', clusterIPs: ['fd00::10', 10.96.0.12]}",
+                "10.96.0.12",
+            ),
+            (
+                "{clusterIP: 10.96.0.13, clusterIPs: [10.96.0.13, 'fd00::13']}",
+                "10.96.0.13",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let svc: Service = parse(&format!("metadata: {{name: web}}\nspec: {spec}"));
+            assert_eq!(proxied_service(&svc).cluster_ip, ip(expected), "{spec}");
+        }
+    }
+
+    #[test]
+    fn rule_35_ipv6_only_service_is_ignored() {
+        let svc: Service =
+            parse("metadata: {name: web}\nspec: {clusterIP: 'fd00::10', clusterIPs: ['fd00::10']}");
+        assert_eq!(
+            service(&svc),
+            Ok(Admission::Ignored(IgnoreReason::OtherAddressFamily))
+        );
+    }
+
+    #[test]
+    fn invalid_cluster_ip_is_rejected() {
+        let cases = [
+            ("{clusterIP: 10.96.0.300}", "spec.clusterIP", "10.96.0.300"),
+            ("{clusterIP: 010.96.0.1}", "spec.clusterIP", "010.96.0.1"),
+            (
+                "{clusterIPs: [10.96.0.1, bogus]}",
+                "spec.clusterIPs",
+                "bogus",
+            ),
+            ("{clusterIP: 0.0.0.0}", "spec.clusterIP", "0.0.0.0"),
+            (
+                "{clusterIP: 255.255.255.255}",
+                "spec.clusterIP",
+                "255.255.255.255",
+            ),
+            ("{clusterIP: 224.0.0.1}", "spec.clusterIP", "224.0.0.1"),
+        ];
+        for (spec, field, value) in cases {
+            let svc: Service = parse(&format!("metadata: {{name: web}}\nspec: {spec}"));
+            assert_eq!(
+                service(&svc),
+                Err(InvalidObject::InvalidIp {
+                    field,
+                    value: value.into()
+                }),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_name_or_spec_is_rejected() {
+        let no_name: Service = parse("metadata: {namespace: shop}\nspec: {clusterIP: 10.96.0.10}");
+        assert_eq!(
+            service(&no_name),
+            Err(InvalidObject::MissingField("metadata.name"))
+        );
+        let empty_name: Service = parse("metadata: {name: ''}\nspec: {clusterIP: 10.96.0.10}");
+        assert_eq!(
+            service(&empty_name),
+            Err(InvalidObject::MissingField("metadata.name"))
+        );
+        let no_spec: Service = parse("metadata: {name: web}");
+        assert_eq!(service(&no_spec), Err(InvalidObject::MissingField("spec")));
+    }
+
+    #[test]
+    fn unknown_service_type_is_rejected() {
+        let svc = service_with_spec("  type: Nodeport");
+        assert_eq!(
+            service(&svc),
+            Err(InvalidObject::InvalidValue {
+                field: "spec.type",
+                value: "Nodeport".into()
+            })
+        );
+    }
+
+    #[test]
+    fn service_port_out_of_range_is_rejected() {
+        for port in [0, -1, 65536, 70000] {
+            let svc: Service = parse(&format!(
+                "metadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: {port}}}]}}"
+            ));
+            assert_eq!(
+                service(&svc),
+                Err(InvalidObject::PortOutOfRange {
+                    field: "spec.ports[].port",
+                    value: port
+                }),
+                "{port}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_port_bounds_are_accepted() {
+        let svc: Service = parse(
+            "metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{name: a, port: 1}, {name: b, port: 65535}]}",
+        );
+        let ports: Vec<u16> = proxied_service(&svc).ports.iter().map(|p| p.port).collect();
+        assert_eq!(ports, vec![1, 65535]);
+    }
+
+    #[test]
+    fn unsupported_protocol_is_rejected() {
+        for protocol in ["SCTP", "tcp", "ICMP"] {
+            let svc: Service = parse(&format!(
+                "metadata: {{name: web}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{name: a, port: 80}}, {{name: b, port: 81, protocol: {protocol}}}]}}"
+            ));
+            assert_eq!(
+                service(&svc),
+                Err(InvalidObject::UnsupportedProtocol {
+                    field: "spec.ports[].protocol",
+                    value: protocol.into()
+                }),
+                "{protocol}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_04_duplicate_service_port_name_and_protocol_is_rejected() {
+        let svc: Service = parse(
+            "metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53}, {name: dns, port: 54, protocol: TCP}]}",
+        );
+        assert_eq!(
+            service(&svc),
+            Err(InvalidObject::InvalidValue {
+                field: "spec.ports[].name",
+                value: "dns/TCP".into()
+            })
+        );
+    }
+
+    #[test]
+    fn rule_04_same_name_different_protocol_is_accepted() {
+        let svc: Service = parse(
+            "metadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{name: dns, port: 53}, {name: dns, port: 53, protocol: UDP}]}",
+        );
+        let protocols: Vec<Protocol> = proxied_service(&svc)
+            .ports
+            .iter()
+            .map(|p| p.protocol)
+            .collect();
+        assert_eq!(protocols, vec![Protocol::Tcp, Protocol::Udp]);
+    }
+
+    #[test]
+    fn rule_23_affinity_timeout_default_and_bounds() {
+        let cases: [(&str, Result<Option<u32>, &str>); 9] = [
+            ("", Ok(None)),
+            ("  sessionAffinity: None", Ok(None)),
+            ("  sessionAffinity: ClientIP", Ok(Some(10800))),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {}}",
+                Ok(Some(10800)),
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 1}}",
+                Ok(Some(1)),
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86400}}",
+                Ok(Some(86400)),
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}",
+                Err("0"),
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}",
+                Err("86401"),
+            ),
+            (
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: -5}}",
+                Err("-5"),
+            ),
+        ];
+        for (extra, expected) in cases {
+            let result = service(&service_with_spec(extra)).map(|admission| match admission {
+                Admission::Proxied(info) => info.affinity_timeout,
+                Admission::Ignored(reason) => panic!("ignored: {reason}"),
+            });
+            let expected = expected.map_err(|value| InvalidObject::InvalidValue {
+                field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                value: value.into(),
+            });
+            assert_eq!(result, expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn rule_23_unknown_affinity_is_rejected() {
+        assert_eq!(
+            service(&service_with_spec("  sessionAffinity: Cookie")),
+            Err(InvalidObject::InvalidValue {
+                field: "spec.sessionAffinity",
+                value: "Cookie".into()
+            })
+        );
+    }
+
+    #[test]
+    fn rule_05_valid_slice_is_converted() {
+        let slice: EndpointSlice = parse(
+            "
+metadata:
+  name: web-abc
+  namespace: shop
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080, protocol: TCP}
+- {port: 53, protocol: UDP}
+- {name: no-number, protocol: TCP}
+endpoints:
+- addresses: [10.244.1.5, 10.244.1.6]
+  nodeName: node1
+  hints: {forZones: [{name: zone-a}, {name: zone-b}]}
+",
+        );
+        assert_eq!(
+            proxied_slice(&slice),
+            SliceInfo {
+                key: key("shop", "web-abc"),
+                service: "web".into(),
+                ports: vec![
+                    SlicePortInfo {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 8080
+                    },
+                    SlicePortInfo {
+                        name: String::new(),
+                        protocol: Protocol::Udp,
+                        port: 53
+                    },
+                ],
+                endpoints: vec![EndpointInfo {
+                    node_name: Some("node1".into()),
+                    zone_hints: vec!["zone-a".into(), "zone-b".into()],
+                    ..endpoint("10.244.1.5", true, true, false)
+                }],
+            }
+        );
+    }
+
+    #[test]
+    fn rule_05_other_address_family_slice_is_ignored() {
+        for address_type in ["IPv6", "FQDN"] {
+            let slice: EndpointSlice = parse(&format!(
+                "metadata: {{name: web-abc, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {address_type}\nendpoints: [{{addresses: ['fd00::1']}}]"
+            ));
+            assert_eq!(
+                endpoint_slice(&slice),
+                Ok(Admission::Ignored(IgnoreReason::OtherAddressFamily)),
+                "{address_type}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_05_invalid_slices_are_rejected() {
+        let meta = "metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}";
+        let cases = [
+            (
+                format!("{meta}\naddressType: IPv4\nendpoints: [{{addresses: []}}]"),
+                InvalidObject::MissingField("endpoints[].addresses"),
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nendpoints: [{{addresses: [10.244.1.256]}}]"),
+                InvalidObject::InvalidIp {
+                    field: "endpoints[].addresses",
+                    value: "10.244.1.256".into(),
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nendpoints: [{{addresses: ['fd00::1']}}]"),
+                InvalidObject::InvalidIp {
+                    field: "endpoints[].addresses",
+                    value: "fd00::1".into(),
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nports: [{{port: 0}}]\nendpoints: []"),
+                InvalidObject::PortOutOfRange {
+                    field: "ports[].port",
+                    value: 0,
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nports: [{{port: 70000}}]\nendpoints: []"),
+                InvalidObject::PortOutOfRange {
+                    field: "ports[].port",
+                    value: 70000,
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nports: [{{port: 80, protocol: SCTP}}]\nendpoints: []"),
+                InvalidObject::UnsupportedProtocol {
+                    field: "ports[].protocol",
+                    value: "SCTP".into(),
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPv4\nports: [{{name: a, port: 80}}, {{name: a, port: 81}}]\nendpoints: []"),
+                InvalidObject::InvalidValue {
+                    field: "ports[].name",
+                    value: "a/TCP".into(),
+                },
+            ),
+            (
+                format!("{meta}\naddressType: IPX\nendpoints: []"),
+                InvalidObject::InvalidValue {
+                    field: "addressType",
+                    value: "IPX".into(),
+                },
+            ),
+            (format!("{meta}\nendpoints: []"), InvalidObject::MissingField("addressType")),
+            (
+                "metadata: {name: web-abc}\naddressType: IPv4\nendpoints: []".to_owned(),
+                InvalidObject::MissingField("metadata.labels[kubernetes.io/service-name]"),
+            ),
+            (
+                "metadata: {labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints: []".to_owned(),
+                InvalidObject::MissingField("metadata.name"),
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let slice: EndpointSlice = parse(&yaml);
+            assert_eq!(endpoint_slice(&slice), Err(expected), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn rule_06_condition_defaults() {
+        let slice: EndpointSlice = parse(
+            "
+metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- {addresses: [10.0.0.1]}
+- {addresses: [10.0.0.2], conditions: {}}
+- {addresses: [10.0.0.3], conditions: {ready: false}}
+- {addresses: [10.0.0.4], conditions: {serving: false}}
+- {addresses: [10.0.0.5], conditions: {terminating: true}}
+- {addresses: [10.0.0.6], conditions: {ready: false, serving: true, terminating: true}}
+",
+        );
+        assert_eq!(
+            proxied_slice(&slice).endpoints,
+            vec![
+                endpoint("10.0.0.1", true, true, false),
+                endpoint("10.0.0.2", true, true, false),
+                endpoint("10.0.0.3", false, true, false),
+                endpoint("10.0.0.4", true, false, false),
+                endpoint("10.0.0.5", true, true, true),
+                endpoint("10.0.0.6", false, true, true),
+            ]
+        );
+    }
+
+    #[test]
+    fn rule_07_endpoints_are_mirrored() {
+        let endpoints_object: Endpoints = parse(
+            "
+metadata: {name: legacy, namespace: shop}
+subsets:
+- addresses: [{ip: 10.0.0.1, nodeName: node1}, {ip: 'fd00::1'}]
+  notReadyAddresses: [{ip: 10.0.0.2}]
+  ports: [{name: http, port: 8080}, {name: dns, port: 53, protocol: UDP}, {name: no-number}]
+- addresses: [{ip: 10.0.0.3}]
+",
+        );
+        let expected = vec![
+            SliceInfo {
+                key: key("shop", "legacy-mirrored-0"),
+                service: "legacy".into(),
+                ports: vec![
+                    SlicePortInfo {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 8080,
+                    },
+                    SlicePortInfo {
+                        name: "dns".into(),
+                        protocol: Protocol::Udp,
+                        port: 53,
+                    },
+                ],
+                endpoints: vec![
+                    EndpointInfo {
+                        node_name: Some("node1".into()),
+                        ..endpoint("10.0.0.1", true, true, false)
+                    },
+                    endpoint("10.0.0.2", false, false, false),
+                ],
+            },
+            SliceInfo {
+                key: key("shop", "legacy-mirrored-1"),
+                service: "legacy".into(),
+                ports: vec![],
+                endpoints: vec![endpoint("10.0.0.3", true, true, false)],
+            },
+        ];
+        assert_eq!(
+            endpoints(&endpoints_object),
+            Ok(Admission::Proxied(expected))
+        );
+    }
+
+    #[test]
+    fn rule_07_endpoints_without_subsets_give_no_slices() {
+        let endpoints_object: Endpoints = parse("metadata: {name: legacy}");
+        assert_eq!(endpoints(&endpoints_object), Ok(Admission::Proxied(vec![])));
+    }
+
+    #[test]
+    fn rule_07_invalid_endpoints_are_rejected() {
+        let cases = [
+            (
+                "metadata: {name: legacy}\nsubsets: [{addresses: [{ip: nope}]}]",
+                InvalidObject::InvalidIp {
+                    field: "subsets[].addresses[].ip",
+                    value: "nope".into(),
+                },
+            ),
+            (
+                "metadata: {name: legacy}\nsubsets: [{notReadyAddresses: [{ip: 0.0.0.0}]}]",
+                InvalidObject::InvalidIp {
+                    field: "subsets[].notReadyAddresses[].ip",
+                    value: "0.0.0.0".into(),
+                },
+            ),
+            (
+                "metadata: {name: legacy}\nsubsets: [{ports: [{port: 70000}]}]",
+                InvalidObject::PortOutOfRange {
+                    field: "subsets[].ports[].port",
+                    value: 70000,
+                },
+            ),
+            (
+                "metadata: {name: legacy}\nsubsets: [{ports: [{port: 80, protocol: SCTP}]}]",
+                InvalidObject::UnsupportedProtocol {
+                    field: "subsets[].ports[].protocol",
+                    value: "SCTP".into(),
+                },
+            ),
+            (
+                "metadata: {name: legacy}\nsubsets: [{ports: [{port: 80}, {port: 81}]}]",
+                InvalidObject::InvalidValue {
+                    field: "subsets[].ports[].name",
+                    value: "/TCP".into(),
+                },
+            ),
+            (
+                "metadata: {}\nsubsets: []",
+                InvalidObject::MissingField("metadata.name"),
+            ),
+        ];
+        for (yaml, expected) in cases {
+            let endpoints_object: Endpoints = parse(yaml);
+            assert_eq!(endpoints(&endpoints_object), Err(expected), "{yaml}");
+        }
+    }
+
+    #[test]
+    fn node_zone_comes_from_label() {
+        let cases = [
+            (
+                "metadata: {name: node1, labels: {topology.kubernetes.io/zone: zone-a}}",
+                Some("zone-a"),
+            ),
+            (
+                "metadata: {name: node1, labels: {topology.kubernetes.io/zone: ''}}",
+                None,
+            ),
+            ("metadata: {name: node1}", None),
+        ];
+        for (yaml, zone) in cases {
+            assert_eq!(
+                node(&parse(yaml)),
+                Ok(NodeInfo {
+                    name: "node1".into(),
+                    zone: zone.map(str::to_owned)
+                }),
+                "{yaml}"
+            );
+        }
+    }
+
+    #[test]
+    fn node_without_name_is_rejected() {
+        assert_eq!(
+            node(&parse("metadata: {}")),
+            Err(InvalidObject::MissingField("metadata.name"))
+        );
+    }
+}

@@ -1,0 +1,379 @@
+use std::net::Ipv4Addr;
+
+use super::*;
+use crate::{
+    maps::memory::{MemoryDatapath, Write},
+    model::{BackendAddr, ObjectKey, Protocol},
+};
+
+fn port_name(service: &str) -> ServicePortName {
+    ServicePortName {
+        service: ObjectKey {
+            namespace: "default".into(),
+            name: service.into(),
+        },
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn frontend(last: u8) -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::new(10, 96, 0, last),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn backend(last: u8) -> BackendAddr {
+    BackendAddr {
+        addr: Ipv4Addr::new(10, 244, 1, last),
+        port: 8080,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn plan(frontend_last: u8, backends: &[u8], affinity: Option<u32>) -> ServicePortPlan {
+    ServicePortPlan {
+        frontends: vec![frontend(frontend_last)],
+        backends: backends.iter().map(|last| backend(*last)).collect(),
+        affinity_timeout: affinity,
+    }
+}
+
+fn desired(ports: &[(&str, ServicePortPlan)]) -> DesiredState {
+    DesiredState {
+        ports: ports
+            .iter()
+            .map(|(name, plan)| (port_name(name), plan.clone()))
+            .collect(),
+        conflicts: vec![],
+    }
+}
+
+/// The backends a frontend's slots point at, in slot order.
+fn backends_of(datapath: &MemoryDatapath, frontend_last: u8) -> Option<Vec<BackendAddr>> {
+    let master_key = codec::service_key(&frontend(frontend_last), 0);
+    let master = datapath.services.get(&master_key)?;
+    Some(
+        (1..=master.count)
+            .map(|slot| {
+                let id = datapath.services[&ServiceKey { slot, ..master_key }].backend_id;
+                codec::backend_addr(&datapath.backends[&id]).unwrap()
+            })
+            .collect(),
+    )
+}
+
+/// Replays `writes` on a copy of `start` and checks the datapath is
+/// consistent after every single write: what a concurrent reader could see.
+fn assert_consistent_at_every_write(start: &MemoryDatapath, writes: &[Write]) {
+    let mut replay = MemoryDatapath {
+        services: start.services.clone(),
+        backends: start.backends.clone(),
+        affinity_match: start.affinity_match.clone(),
+        ..MemoryDatapath::default()
+    };
+    for (index, write) in writes.iter().enumerate() {
+        match write {
+            Write::PutService(key, value) => replay.put_service(*key, *value).unwrap(),
+            Write::DeleteService(key) => replay.delete_service(key).unwrap(),
+            Write::PutBackend(id, value) => replay.put_backend(*id, *value).unwrap(),
+            Write::DeleteBackend(id) => replay.delete_backend(*id).unwrap(),
+            Write::PutAffinityMatch(key) => replay.put_affinity_match(*key).unwrap(),
+            Write::DeleteAffinityMatch(key) => replay.delete_affinity_match(key).unwrap(),
+        }
+        if let Err(problem) = replay.check_consistent() {
+            panic!("after write {index} ({write:?}): {problem}");
+        }
+    }
+}
+
+fn snapshot(datapath: &MemoryDatapath) -> MemoryDatapath {
+    MemoryDatapath {
+        services: datapath.services.clone(),
+        backends: datapath.backends.clone(),
+        affinity_match: datapath.affinity_match.clone(),
+        ..MemoryDatapath::default()
+    }
+}
+
+#[test]
+fn first_sync_writes_backends_then_slots_then_master() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    let report = reconciler.sync(&desired(&[("web", plan(10, &[11, 12, 13], None))]));
+    assert!(report.is_complete());
+    assert_eq!(report.frontends_written, 1);
+    assert_eq!(report.backends_added, 3);
+
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        backends_of(datapath, 10),
+        Some(vec![backend(11), backend(12), backend(13)])
+    );
+    let writes = &datapath.writes;
+    assert!(matches!(
+        writes[..3],
+        [
+            Write::PutBackend(..),
+            Write::PutBackend(..),
+            Write::PutBackend(..)
+        ]
+    ));
+    let Write::PutService(last_key, last_value) = writes.last().unwrap() else {
+        panic!("last write is not a services put: {writes:?}");
+    };
+    assert_eq!(last_key.slot, 0, "the master entry is written last");
+    assert_eq!(last_value.count, 3);
+    assert_consistent_at_every_write(&MemoryDatapath::default(), writes);
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let state = desired(&[("web", plan(10, &[11, 12], Some(60)))]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&state);
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&state);
+    assert!(report.is_noop(), "{report:?}");
+    assert_eq!(reconciler.datapath().writes.len(), writes_before);
+}
+
+#[test]
+fn restart_reads_maps_back_and_rewrites_nothing() {
+    let state = desired(&[
+        ("web", plan(10, &[11, 12], Some(60))),
+        ("api", plan(20, &[12, 13], None)),
+    ]);
+    let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
+    first.sync(&state);
+    let before = snapshot(first.datapath());
+
+    let mut restarted = Reconciler::new(snapshot(&before)).unwrap();
+    let report = restarted.sync(&state);
+    assert!(report.is_noop(), "{report:?}");
+    assert!(
+        restarted.datapath().writes.is_empty(),
+        "{:?}",
+        restarted.datapath().writes
+    );
+    assert_eq!(restarted.datapath().services, before.services, "ids kept");
+}
+
+#[test]
+fn restart_removes_what_was_deleted_while_down() {
+    let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
+    first.sync(&desired(&[
+        ("web", plan(10, &[11], None)),
+        ("gone", plan(20, &[12], None)),
+    ]));
+    let before = snapshot(first.datapath());
+
+    let mut restarted = Reconciler::new(snapshot(&before)).unwrap();
+    let report = restarted.sync(&desired(&[("web", plan(10, &[11], None))]));
+    assert_eq!(report.frontends_deleted, 1);
+    assert_eq!(report.backends_deleted, 1);
+    assert_eq!(backends_of(restarted.datapath(), 20), None);
+    assert_eq!(
+        backends_of(restarted.datapath(), 10),
+        Some(vec![backend(11)])
+    );
+    assert_eq!(restarted.datapath().backends.len(), 1);
+    assert_consistent_at_every_write(&before, &restarted.datapath().writes);
+}
+
+#[test]
+fn shrinking_lowers_the_count_before_deleting_slots() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12, 13], None))]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    reconciler.sync(&desired(&[("web", plan(10, &[11], None))]));
+    let datapath = reconciler.datapath();
+    assert_eq!(backends_of(datapath, 10), Some(vec![backend(11)]));
+    assert_eq!(
+        datapath.backends.len(),
+        1,
+        "unreferenced backends are deleted"
+    );
+    assert_eq!(datapath.services.len(), 2, "master and one slot");
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn growing_writes_new_slots_before_the_count() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11], None))]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12, 13, 14], None))]));
+    let datapath = reconciler.datapath();
+    assert_eq!(backends_of(datapath, 10).map(|b| b.len()), Some(4));
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn deleted_service_loses_master_first_then_slots_and_backends() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12], None))]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    let report = reconciler.sync(&DesiredState::default());
+    assert_eq!(report.frontends_deleted, 1);
+    let datapath = reconciler.datapath();
+    assert!(datapath.services.is_empty());
+    assert!(datapath.backends.is_empty());
+    let writes = &datapath.writes[writes_before..];
+    assert!(
+        matches!(writes[0], Write::DeleteService(key) if key.slot == 0),
+        "master deleted first: {writes:?}"
+    );
+    assert_consistent_at_every_write(&before, writes);
+}
+
+#[test]
+fn rule_21_no_endpoints_programs_a_master_with_count_zero() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[], None))]));
+    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    assert_eq!(master.count, 0);
+    assert_eq!(reconciler.datapath().services.len(), 1);
+}
+
+#[test]
+fn shared_backend_stays_while_another_service_uses_it() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[
+        ("web", plan(10, &[11], None)),
+        ("api", plan(20, &[11], None)),
+    ]));
+    assert_eq!(
+        reconciler.datapath().backends.len(),
+        1,
+        "one id per backend"
+    );
+    reconciler.sync(&desired(&[("api", plan(20, &[11], None))]));
+    assert_eq!(
+        backends_of(reconciler.datapath(), 20),
+        Some(vec![backend(11)])
+    );
+}
+
+#[test]
+fn rule_23_affinity_match_follows_the_selected_set() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12], Some(30)))]));
+    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    assert_eq!(master.affinity_timeout, 30);
+    assert_eq!(reconciler.datapath().affinity_match.len(), 2);
+
+    reconciler.sync(&desired(&[("web", plan(10, &[12], Some(30)))]));
+    let pairs: Vec<_> = reconciler
+        .datapath()
+        .affinity_match
+        .iter()
+        .copied()
+        .collect();
+    let remaining_id =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), 1)].backend_id;
+    assert_eq!(
+        pairs,
+        vec![AffinityMatchKey {
+            backend_id: remaining_id,
+            svc_id: master.svc_id
+        }]
+    );
+
+    reconciler.sync(&desired(&[("web", plan(10, &[12], None))]));
+    assert!(reconciler.datapath().affinity_match.is_empty());
+    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    assert_eq!(master.affinity_timeout, 0);
+}
+
+#[test]
+fn full_map_fails_one_port_and_keeps_the_others() {
+    let datapath = MemoryDatapath {
+        services_capacity: Some(3),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    reconciler.sync(&desired(&[("api", plan(20, &[11, 12], None))]));
+    assert_eq!(reconciler.datapath().services.len(), 3);
+
+    let state = desired(&[
+        ("api", plan(20, &[11, 13], None)),
+        ("web", plan(10, &[14], None)),
+    ]);
+    let report = reconciler.sync(&state);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(report.failed[0].0, port_name("web"));
+    assert_eq!(
+        backends_of(reconciler.datapath(), 20),
+        Some(vec![backend(11), backend(13)])
+    );
+    assert_eq!(
+        backends_of(reconciler.datapath(), 10),
+        None,
+        "no half-written frontend"
+    );
+    reconciler.datapath().check_consistent().unwrap();
+
+    // Room again: the next sync completes the failed port.
+    let mut datapath = snapshot(reconciler.datapath());
+    datapath.services_capacity = None;
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    assert!(reconciler.sync(&state).is_complete());
+    assert_eq!(
+        backends_of(reconciler.datapath(), 10),
+        Some(vec![backend(14)])
+    );
+}
+
+#[test]
+fn orphaned_slots_from_an_interrupted_delete_are_removed() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12], None))]));
+    let mut interrupted = snapshot(reconciler.datapath());
+    interrupted
+        .services
+        .remove(&codec::service_key(&frontend(10), 0));
+
+    let mut restarted = Reconciler::new(interrupted).unwrap();
+    restarted.sync(&DesiredState::default());
+    assert!(restarted.datapath().services.is_empty());
+    assert!(restarted.datapath().backends.is_empty());
+}
+
+#[test]
+fn service_port_ids_survive_restart_for_affinity() {
+    let state = desired(&[
+        ("web", plan(10, &[11], Some(60))),
+        ("api", plan(20, &[11], Some(60))),
+    ]);
+    let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
+    first.sync(&state);
+    let svc_id_of = |datapath: &MemoryDatapath, last: u8| {
+        datapath.services[&codec::service_key(&frontend(last), 0)].svc_id
+    };
+    let ids_before = [
+        svc_id_of(first.datapath(), 10),
+        svc_id_of(first.datapath(), 20),
+    ];
+
+    // A new port sorts first after the restart; the old ports keep their ids.
+    let mut with_new = state.clone();
+    with_new
+        .ports
+        .insert(port_name("aaa"), plan(30, &[12], Some(60)));
+    let mut restarted = Reconciler::new(snapshot(first.datapath())).unwrap();
+    restarted.sync(&with_new);
+    let datapath = restarted.datapath();
+    assert_eq!(
+        [svc_id_of(datapath, 10), svc_id_of(datapath, 20)],
+        ids_before
+    );
+    assert!(!ids_before.contains(&svc_id_of(datapath, 30)));
+}

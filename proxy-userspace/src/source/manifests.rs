@@ -1,0 +1,399 @@
+//! The manifests source: a directory of Service, EndpointSlice, Endpoints
+//! and Node manifests (YAML, multi-document, or JSON; `kind: List` too), as a
+//! standalone L4 balancer or a test fixture.
+//!
+//! The directory is polled: cheap for the sizes involved, and it sees every
+//! way files change (editors that rename over a file, ConfigMap volumes that
+//! swap a symlink) without an inotify dependency. A file whose content
+//! cannot be parsed keeps what it last contributed; an invalid object keeps
+//! its last good version; both are reported with the file and the reason.
+
+use std::{
+    collections::BTreeMap,
+    fmt, fs,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde::Deserialize;
+
+use crate::model::{
+    ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
+    objects::{self, Admission, IgnoreReason},
+};
+
+const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
+
+/// Which object a document is, as far as it can be told before validation.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub kind: String,
+    pub key: ObjectKey,
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.key)
+    }
+}
+
+/// Something about a file the operator should know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestProblem {
+    pub file: PathBuf,
+    /// The object, when the document said which one it is.
+    pub object: Option<ObjectId>,
+    pub reason: String,
+    pub severity: Severity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// Valid but programs nothing by rule (e.g. a headless Service).
+    Ignored,
+    /// Rejected; the last good version (if any) stays in force.
+    Invalid,
+}
+
+impl fmt::Display for ManifestProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if let Some(object) = &self.object {
+            write!(f, "{object}: ")?;
+        }
+        f.write_str(&self.reason)
+    }
+}
+
+/// What one poll found.
+#[derive(Debug, Default)]
+pub struct Poll {
+    /// The new snapshot, when anything the model sees changed.
+    pub snapshot: Option<ClusterSnapshot>,
+    pub problems: Vec<ManifestProblem>,
+}
+
+/// A validated object, as one document contributed it.
+#[derive(Clone, Debug, PartialEq)]
+enum Parsed {
+    Service(ServiceInfo),
+    Slices(Vec<SliceInfo>),
+    Node(NodeInfo),
+    Ignored(IgnoreReason),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+impl Fingerprint {
+    /// Modification times are coarse (a kernel tick): a file written twice
+    /// within one tick keeps its mtime. Like git's "racy" check, a file
+    /// modified recently is compared by content, not by metadata alone.
+    fn is_settled(&self) -> bool {
+        self.modified
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > RACY_WINDOW)
+    }
+}
+
+const RACY_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+#[derive(Debug)]
+struct FileState {
+    fingerprint: Fingerprint,
+    content_hash: u64,
+    objects: BTreeMap<ObjectId, Parsed>,
+}
+
+pub struct ManifestsSource {
+    dir: PathBuf,
+    node_name: String,
+    files: BTreeMap<PathBuf, FileState>,
+    last: Option<ClusterSnapshot>,
+}
+
+impl ManifestsSource {
+    pub fn new(dir: impl Into<PathBuf>, node_name: impl Into<String>) -> Self {
+        Self {
+            dir: dir.into(),
+            node_name: node_name.into(),
+            files: BTreeMap::new(),
+            last: None,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Rescans the directory. The first call always yields a snapshot (the
+    /// initial list, rule 3); later calls only when something changed. An
+    /// unreadable directory is an error and changes nothing.
+    pub fn poll(&mut self) -> Result<Poll> {
+        let mut poll = Poll::default();
+        let present = self.list_files()?;
+        self.files.retain(|path, _| present.contains_key(path));
+        for (path, fingerprint) in present {
+            let known = self.files.get(&path);
+            if known
+                .is_some_and(|state| state.fingerprint == fingerprint && fingerprint.is_settled())
+            {
+                continue;
+            }
+            let text = fs::read(&path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+            let content_hash = text.as_ref().map_or(0, |text| hash(text));
+            if let Some(state) = self.files.get_mut(&path)
+                && state.content_hash == content_hash
+            {
+                state.fingerprint = fingerprint;
+                continue;
+            }
+            let previous = self.files.remove(&path).map(|state| state.objects);
+            let text = text.with_context(|| format!("reading {}", path.display()));
+            let objects = load_file(
+                &path,
+                text,
+                previous.unwrap_or_default(),
+                &mut poll.problems,
+            );
+            self.files.insert(
+                path,
+                FileState {
+                    fingerprint,
+                    content_hash,
+                    objects,
+                },
+            );
+        }
+        let snapshot = self.snapshot(&mut poll.problems);
+        if self.last.as_ref() != Some(&snapshot) {
+            self.last = Some(snapshot.clone());
+            poll.snapshot = Some(snapshot);
+        }
+        Ok(poll)
+    }
+
+    fn list_files(&self) -> Result<BTreeMap<PathBuf, Fingerprint>> {
+        let entries = fs::read_dir(&self.dir)
+            .with_context(|| format!("reading manifests directory {}", self.dir.display()))?;
+        let mut files = BTreeMap::new();
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("reading {}", self.dir.display()))?
+                .path();
+            let is_manifest = path
+                .extension()
+                .and_then(|ext| ext.to_str())
+                .is_some_and(|ext| EXTENSIONS.contains(&ext));
+            // Follows symlinks (ConfigMap volumes); skips what vanished meanwhile.
+            let Ok(meta) = fs::metadata(&path) else {
+                continue;
+            };
+            if is_manifest && meta.is_file() {
+                let fingerprint = Fingerprint {
+                    modified: meta.modified().ok(),
+                    len: meta.len(),
+                };
+                files.insert(path, fingerprint);
+            }
+        }
+        Ok(files)
+    }
+
+    /// The union of every file's objects; on a duplicate, the file that
+    /// sorts first keeps the object.
+    fn snapshot(&self, problems: &mut Vec<ManifestProblem>) -> ClusterSnapshot {
+        let mut snapshot = ClusterSnapshot {
+            node_name: self.node_name.clone(),
+            ..ClusterSnapshot::default()
+        };
+        let mut owners: BTreeMap<&ObjectId, &Path> = BTreeMap::new();
+        for (path, state) in &self.files {
+            for (id, parsed) in &state.objects {
+                if let Some(owner) = owners.get(id) {
+                    problems.push(ManifestProblem {
+                        file: path.clone(),
+                        object: Some(id.clone()),
+                        reason: format!("duplicate of the object in {}; ignored", owner.display()),
+                        severity: Severity::Invalid,
+                    });
+                    continue;
+                }
+                owners.insert(id, path);
+                match parsed {
+                    Parsed::Service(service) => {
+                        snapshot
+                            .services
+                            .insert(service.key.clone(), service.clone());
+                    }
+                    Parsed::Slices(slices) => {
+                        for slice in slices {
+                            snapshot.slices.insert(slice.key.clone(), slice.clone());
+                        }
+                    }
+                    Parsed::Node(node) if node.name == self.node_name => {
+                        snapshot.node = Some(node.clone());
+                    }
+                    Parsed::Node(_) | Parsed::Ignored(_) => {}
+                }
+            }
+        }
+        snapshot
+    }
+}
+
+/// Parses one file. `previous` is what the file contributed before: kept
+/// whole when the file cannot be parsed, and per object when one is invalid.
+fn load_file(
+    path: &Path,
+    text: Result<String>,
+    previous: BTreeMap<ObjectId, Parsed>,
+    problems: &mut Vec<ManifestProblem>,
+) -> BTreeMap<ObjectId, Parsed> {
+    let mut report = |object: Option<ObjectId>, reason: String, severity: Severity| {
+        problems.push(ManifestProblem {
+            file: path.to_path_buf(),
+            object,
+            reason,
+            severity,
+        })
+    };
+    let documents = match text.and_then(|text| read_documents(&text)) {
+        Ok(documents) => documents,
+        Err(err) => {
+            report(
+                None,
+                format!("{err:#}; keeping what the file last gave"),
+                Severity::Invalid,
+            );
+            return previous;
+        }
+    };
+    let mut objects = BTreeMap::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        for item in flatten_lists(document) {
+            let id = object_id(&item);
+            match parse_object(&item) {
+                Ok((id, parsed)) => {
+                    if let Parsed::Ignored(reason) = &parsed {
+                        report(
+                            Some(id.clone()),
+                            format!("ignored: {reason}"),
+                            Severity::Ignored,
+                        );
+                    }
+                    objects.insert(id, parsed);
+                }
+                Err(err) => {
+                    let kept = id.as_ref().and_then(|id| previous.get(id).map(|p| (id, p)));
+                    let suffix = if kept.is_some() {
+                        "; keeping its last good version"
+                    } else {
+                        "; skipped"
+                    };
+                    report(
+                        id.clone(),
+                        format!("document {}: {err:#}{suffix}", index + 1),
+                        Severity::Invalid,
+                    );
+                    if let Some((id, parsed)) = kept {
+                        objects.insert(id.clone(), parsed.clone());
+                    }
+                }
+            }
+        }
+    }
+    objects
+}
+
+fn hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn read_documents(text: &str) -> Result<Vec<serde_yaml::Value>> {
+    // JSON is YAML, so one parser reads both.
+    serde_yaml::Deserializer::from_str(text)
+        .map(serde_yaml::Value::deserialize)
+        .filter(|doc| !matches!(doc, Ok(serde_yaml::Value::Null)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("not valid YAML or JSON")
+}
+
+/// `kind: List` (what `kubectl get -o yaml` writes) holds its objects in
+/// `items`.
+fn flatten_lists(document: serde_yaml::Value) -> Vec<serde_yaml::Value> {
+    if document.get("kind").and_then(|k| k.as_str()) == Some("List")
+        && let Some(serde_yaml::Value::Sequence(items)) = document.get("items")
+    {
+        return items.clone();
+    }
+    vec![document]
+}
+
+fn object_id(item: &serde_yaml::Value) -> Option<ObjectId> {
+    let kind = item.get("kind")?.as_str()?.to_string();
+    let metadata = item.get("metadata")?;
+    let name = metadata.get("name")?.as_str()?.to_string();
+    let namespace = metadata
+        .get("namespace")
+        .and_then(|ns| ns.as_str())
+        .unwrap_or("default")
+        .to_string();
+    Some(ObjectId {
+        kind,
+        key: ObjectKey { namespace, name },
+    })
+}
+
+fn typed<T: serde::de::DeserializeOwned>(item: &serde_yaml::Value) -> Result<T> {
+    serde_yaml::from_value(item.clone()).context("does not match the API schema")
+}
+
+/// One object: its identity and validated content, or why it is rejected.
+fn parse_object(item: &serde_yaml::Value) -> Result<(ObjectId, Parsed)> {
+    let api_version = item
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let kind = item.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+    let parsed = match (api_version, kind) {
+        ("v1", "Service") => match objects::service(&typed::<Service>(item)?)? {
+            Admission::Proxied(service) => Parsed::Service(service),
+            Admission::Ignored(reason) => Parsed::Ignored(reason),
+        },
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            match objects::endpoint_slice(&typed::<EndpointSlice>(item)?)? {
+                Admission::Proxied(slice) => Parsed::Slices(vec![slice]),
+                Admission::Ignored(reason) => Parsed::Ignored(reason),
+            }
+        }
+        ("v1", "Endpoints") => match objects::endpoints(&typed::<Endpoints>(item)?)? {
+            Admission::Proxied(slices) => Parsed::Slices(slices),
+            Admission::Ignored(reason) => Parsed::Ignored(reason),
+        },
+        ("v1", "Node") => Parsed::Node(objects::node(&typed::<Node>(item)?)?),
+        ("", _) | (_, "") => {
+            anyhow::bail!("not a Kubernetes object (apiVersion and kind required)")
+        }
+        _ => anyhow::bail!(
+            "unsupported kind {kind} (apiVersion {api_version}): expected v1 Service, \
+             Endpoints or Node, or discovery.k8s.io/v1 EndpointSlice"
+        ),
+    };
+    let id = object_id(item).context("missing metadata.name")?;
+    Ok((id, parsed))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,501 @@
+//! `netns-host`: a test host. Enters a network namespace (`--netns`, by
+//! setns(2), no mount namespace change) and a cgroup (`--cgroup`) before it
+//! creates any socket, then serves or acts as a client. Clients print one
+//! JSON line per attempt and exit 0 even when attempts fail (except
+//! `http-get`, which exits 1 when it gets no HTTP answer).
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    thread,
+    time::Duration,
+};
+
+#[derive(Parser)]
+#[command(about = "Servers and clients for tests, inside a network namespace and cgroup")]
+struct Cli {
+    /// Enter the network namespace /run/netns/NAME first.
+    #[arg(long, global = true, value_name = "NAME")]
+    netns: Option<String>,
+    /// Join the cgroup v2 directory PATH first (writes our pid to cgroup.procs).
+    #[arg(long, global = true, value_name = "PATH")]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve until killed; prints "ready" once every listener is bound.
+    Serve {
+        /// Name put in every answer.
+        #[arg(long)]
+        name: String,
+        /// TCP: greet with "NAME PEER\n", then echo every line.
+        #[arg(long)]
+        tcp: Vec<SocketAddr>,
+        /// UDP: answer every datagram with "NAME PEER\n".
+        #[arg(long)]
+        udp: Vec<SocketAddr>,
+        /// HTTP/1.1: answer every request with 200 and body "NAME\n".
+        #[arg(long)]
+        http: Vec<SocketAddr>,
+    },
+    /// COUNT sequential TCP connects; one JSON line each.
+    Tcp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Source address: IP or IP:PORT (SO_REUSEADDR is set).
+        #[arg(long, value_parser = parse_bind)]
+        bind: Option<SocketAddr>,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Connect once, then send every stdin line and print each echo
+        /// as {"ok":true,"echo":...}; close at EOF of stdin.
+        #[arg(long)]
+        stdin: bool,
+    },
+    /// COUNT UDP queries (sendto/recvfrom, or send/recv with --connect).
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Source address: IP or IP:PORT (SO_REUSEADDR is set).
+        #[arg(long, value_parser = parse_bind)]
+        bind: Option<SocketAddr>,
+        #[arg(long)]
+        connect: bool,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Pause between queries.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// One HTTP GET of ADDR:PORT/PATH; prints {"status":N,"body":...}.
+    HttpGet {
+        target: String,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// COUNT sequential HTTP GET / on new connections; one JSON line each.
+    Http {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+}
+
+fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+        .map_err(|_| format!("{s:?} is neither IP nor IP:PORT"))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Before any thread or socket exists, so the whole process moves.
+    if let Some(ns) = &cli.netns {
+        proxy_tests::enter_netns(ns)?;
+    }
+    if let Some(cg) = &cli.cgroup {
+        std::fs::write(cg.join("cgroup.procs"), format!("{}\n", std::process::id()))
+            .with_context(|| format!("join cgroup {}", cg.display()))?;
+    }
+    match cli.cmd {
+        Cmd::Serve {
+            name,
+            tcp,
+            udp,
+            http,
+        } => serve(&name, &tcp, &udp, &http),
+        Cmd::Tcp {
+            to,
+            count,
+            bind,
+            timeout_ms,
+            stdin,
+        } => {
+            let timeout = Duration::from_millis(timeout_ms);
+            if stdin {
+                tcp_session(to, bind, timeout);
+            } else {
+                for _ in 0..count {
+                    let line = match tcp_once(to, bind, timeout) {
+                        Ok((_, greeting)) => greeting,
+                        Err(e) => err_json(&e),
+                    };
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Udp {
+            to,
+            count,
+            bind,
+            connect,
+            timeout_ms,
+            interval_ms,
+        } => udp_client(
+            to,
+            count,
+            bind,
+            connect,
+            Duration::from_millis(timeout_ms),
+            interval_ms,
+        ),
+        Cmd::HttpGet { target, timeout_ms } => {
+            let t = target.strip_prefix("http://").unwrap_or(&target);
+            let (addr, path) = match t.split_once('/') {
+                Some((a, p)) => (a, format!("/{p}")),
+                None => (t, "/".to_string()),
+            };
+            let addr: SocketAddr = addr
+                .parse()
+                .with_context(|| format!("bad address {addr:?}"))?;
+            match http_get(addr, &path, Duration::from_millis(timeout_ms)) {
+                Ok((status, body)) => {
+                    println!("{}", json!({"status": status, "body": body}));
+                    Ok(())
+                }
+                Err(e) => {
+                    println!("{}", err_json(&e));
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Http {
+            to,
+            count,
+            timeout_ms,
+        } => {
+            for _ in 0..count {
+                let v = match http_get(to, "/", Duration::from_millis(timeout_ms)) {
+                    Ok((status, body)) => json!({"ok": true, "status": status, "body": body}),
+                    Err(e) => err_value(&e),
+                };
+                println!("{v}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn err_value(e: &io::Error) -> Value {
+    json!({"ok": false, "error": e.to_string(), "kind": format!("{:?}", e.kind()), "errno": e.raw_os_error()})
+}
+
+fn err_json(e: &io::Error) -> String {
+    err_value(e).to_string()
+}
+
+// ---------------------------------------------------------------- servers
+
+fn serve(name: &str, tcp: &[SocketAddr], udp: &[SocketAddr], http: &[SocketAddr]) -> Result<()> {
+    if tcp.is_empty() && udp.is_empty() && http.is_empty() {
+        bail!("serve needs at least one of --tcp, --udp, --http");
+    }
+    let mut threads = Vec::new();
+    for addr in tcp {
+        let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        let name = name.to_string();
+        threads.push(thread::spawn(move || accept_loop(l, name, tcp_conn)));
+    }
+    for addr in http {
+        let l = TcpListener::bind(addr).with_context(|| format!("bind http {addr}"))?;
+        let name = name.to_string();
+        threads.push(thread::spawn(move || accept_loop(l, name, http_conn)));
+    }
+    for addr in udp {
+        let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        let name = name.to_string();
+        threads.push(thread::spawn(move || udp_loop(s, &name)));
+    }
+    println!("ready");
+    io::stdout().flush()?;
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn accept_loop(l: TcpListener, name: String, handle: fn(TcpStream, &str) -> io::Result<()>) {
+    for conn in l.incoming() {
+        match conn {
+            Ok(s) => {
+                let name = name.clone();
+                thread::spawn(move || {
+                    let _ = handle(s, &name);
+                });
+            }
+            Err(e) => eprintln!("accept: {e}"),
+        }
+    }
+}
+
+fn tcp_conn(s: TcpStream, name: &str) -> io::Result<()> {
+    let mut w = &s;
+    writeln!(w, "{name} {}", s.peer_addr()?)?;
+    for line in BufReader::new(&s).lines() {
+        writeln!(w, "{}", line?)?;
+    }
+    Ok(())
+}
+
+fn http_conn(s: TcpStream, name: &str) -> io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while find(&head, b"\r\n\r\n").is_none() && head.len() < 65536 {
+        let n = (&s).read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let body = format!("{name}\n");
+    write!(
+        &s,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    s.shutdown(std::net::Shutdown::Write)
+}
+
+fn udp_loop(s: UdpSocket, name: &str) {
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                let _ = s.send_to(format!("{name} {peer}\n").as_bytes(), peer);
+            }
+            Err(e) => eprintln!("udp recv: {e}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+fn socket_for(
+    to: SocketAddr,
+    ty: Type,
+    proto: Protocol,
+    bind: Option<SocketAddr>,
+) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(to), ty, Some(proto))?;
+    if let Some(b) = bind {
+        sock.set_reuse_address(true)?;
+        sock.bind(&b.into())?;
+    }
+    Ok(sock)
+}
+
+/// Connects, reads the greeting line; returns the stream and the JSON line.
+fn tcp_once(
+    to: SocketAddr,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<(TcpStream, String)> {
+    let sock = socket_for(to, Type::STREAM, Protocol::TCP, bind)?;
+    sock.connect_timeout(&to.into(), timeout)?;
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let reply = read_line(&s)?;
+    let v = json!({"ok": true, "reply": reply, "peer": s.peer_addr()?.to_string(), "local": s.local_addr()?.to_string()});
+    Ok((s, v.to_string()))
+}
+
+/// Reads one line byte by byte (no buffering beyond it), without "\n".
+fn read_line(mut s: &TcpStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        if s.read(&mut b)? == 0 {
+            if line.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed before a line",
+                ));
+            }
+            break;
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line)
+        .trim_end_matches('\r')
+        .to_string())
+}
+
+fn tcp_session(to: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) {
+    let (mut s, greeting) = match tcp_once(to, bind, timeout) {
+        Ok(x) => x,
+        Err(e) => {
+            println!("{}", err_json(&e));
+            return;
+        }
+    };
+    println!("{greeting}");
+    for line in io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let v = writeln!(s, "{line}")
+            .and_then(|()| read_line(&s))
+            .map(|echo| json!({"ok": true, "echo": echo}))
+            .unwrap_or_else(|e| err_value(&e));
+        println!("{v}");
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+}
+
+fn udp_client(
+    to: SocketAddr,
+    count: u32,
+    bind: Option<SocketAddr>,
+    connect: bool,
+    timeout: Duration,
+    interval_ms: u64,
+) -> Result<()> {
+    let bind = bind.unwrap_or_else(|| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0));
+    let setup = || -> io::Result<UdpSocket> {
+        let s: UdpSocket = socket_for(to, Type::DGRAM, Protocol::UDP, Some(bind))?.into();
+        s.set_read_timeout(Some(timeout))?;
+        if connect {
+            s.connect(to)?;
+        }
+        Ok(s)
+    };
+    let sock = setup();
+    let mut buf = [0u8; 65536];
+    for i in 0..count {
+        if i > 0 && interval_ms > 0 {
+            thread::sleep(Duration::from_millis(interval_ms));
+        }
+        let result = sock.as_ref().map_err(clone_err).and_then(|s| {
+            let msg = format!("query {i}\n");
+            let (n, from) = if connect {
+                s.send(msg.as_bytes())?;
+                let n = s.recv(&mut buf)?;
+                (n, s.peer_addr()?)
+            } else {
+                s.send_to(msg.as_bytes(), to)?;
+                s.recv_from(&mut buf)?
+            };
+            let reply = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+            Ok(json!({"ok": true, "reply": reply, "from": from.to_string(), "local": s.local_addr()?.to_string()}))
+        });
+        println!("{}", result.unwrap_or_else(|e| err_value(&e)));
+    }
+    Ok(())
+}
+
+fn clone_err(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(errno) => io::Error::from_raw_os_error(errno),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// GET `path`; returns (status, body). Handles Content-Length, chunked,
+/// and read-to-close bodies.
+fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: netns-host\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    )?;
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut eof = false;
+    let head_end = loop {
+        if let Some(i) = find(&data, b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(bad("connection closed before the response head"));
+        }
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let mut length = None;
+    let mut chunked = false;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "content-length" {
+                length = v.parse::<usize>().ok();
+            } else if k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked") {
+                chunked = true;
+            }
+        }
+    }
+    let mut body = data.split_off(head_end + 4);
+    let body = loop {
+        if chunked {
+            if let Some(decoded) = dechunk(&body) {
+                break decoded;
+            }
+        } else if let Some(len) = length
+            && body.len() >= len
+        {
+            body.truncate(len);
+            break body;
+        }
+        if eof {
+            if chunked || length.is_some() {
+                return Err(bad("connection closed in the middle of the body"));
+            }
+            break body;
+        }
+        let n = s.read(&mut buf)?;
+        eof = n == 0;
+        body.extend_from_slice(&buf[..n]);
+    };
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Decodes a complete chunked body; None while incomplete.
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = find(b, b"\r\n")?;
+        let size_str = String::from_utf8_lossy(&b[..eol]);
+        let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+        b = &b[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        if b.len() < size + 2 {
+            return None;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,164 @@
+//! `cargo xtask <command>`: everything a fresh machine needs, in one place.
+//!
+//! - `setup`: installs and mounts what building and testing need
+//!   (idempotent; quiet and fast when everything is in place).
+//! - `build-ebpf`: builds the eBPF object the way aya-build does.
+//! - `test`: setup, build, `cargo test`, then the demo.
+//! - `demo`: a one-node cluster in network namespaces, served by the agent.
+
+mod demo;
+mod setup;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+#[derive(Parser)]
+#[command(about = "Project tasks: setup, build-ebpf, test, demo")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install packages, nightly rust-src, bpf-linker; mount bpffs and cgroup2.
+    Setup,
+    /// Build the eBPF object (nightly, build-std=core, bpfel-unknown-none).
+    BuildEbpf,
+    /// setup, build everything, cargo test, then the demo.
+    Test {
+        /// Skip the demo after the tests.
+        #[arg(long)]
+        skip_demo: bool,
+        /// Passed to `cargo test` (after `--`). With `-p`/`--package` the
+        /// default `--workspace --exclude proxy-ebpf` is left out, e.g.
+        /// `cargo xtask test -- -p proxy-tests -- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the one-node demo (sets up and builds first).
+    Demo {
+        /// Number of HTTP requests to the ClusterIP.
+        #[arg(long, default_value_t = 30)]
+        requests: u32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::BuildEbpf => build_ebpf().map(|obj| println!("{}", obj.display())),
+        Cmd::Test { skip_demo, args } => test(skip_demo, &args),
+        Cmd::Demo { requests } => demo::demo(requests),
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The cargo that runs us (so the same toolchain builds everything).
+pub fn cargo() -> Command {
+    let mut cmd =
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd` with inherited stdio; errors on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Exactly what aya-build does for proxy-userspace's build script, but
+/// into the workspace's target directory.
+fn build_ebpf() -> Result<PathBuf> {
+    let arch = match std::env::consts::ARCH {
+        a if a.starts_with("riscv64") => "riscv64",
+        a => a,
+    };
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".to_string(),
+        "-Clink-arg=--btf".to_string(),
+    ]
+    .join("\x1f");
+    run(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--package",
+            "proxy-ebpf",
+            "--bins",
+        ])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .current_dir(workspace_root().join("proxy-ebpf"))
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER"))?;
+    let obj = target_dir().join("bpfel-unknown-none/release/proxy-ebpf");
+    if !obj.exists() {
+        bail!("build succeeded but {} is missing", obj.display());
+    }
+    Ok(obj)
+}
+
+fn test(skip_demo: bool, args: &[String]) -> Result<()> {
+    setup::setup()?;
+    println!("xtask: building the workspace");
+    run(cargo().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+    ]))?;
+    println!("xtask: running the tests");
+    let mut cmd = cargo();
+    cmd.arg("test");
+    let picks_packages = args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a.starts_with("-p") || a.starts_with("--package"));
+    if !picks_packages {
+        cmd.args(["--workspace", "--exclude", "proxy-ebpf"]);
+    }
+    run(cmd.args(args))?;
+    if !skip_demo {
+        demo::demo(30)?;
+    }
+    println!("xtask: test passed");
+    Ok(())
+}
