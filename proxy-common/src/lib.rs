@@ -56,7 +56,8 @@ pub mod proto {
 }
 
 /// Key of `lb4_services`. Slot 0 is the frontend's master entry; slots
-/// `1..=count` hold its backend ids.
+/// `1..=count` hold its backend ids. Port 0 (with count 0) marks an
+/// allocated ClusterIP: its undefined ports are refused (rule 9).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
@@ -94,10 +95,12 @@ impl ServiceKey {
 pub struct ServiceValue {
     /// Backend slot: id into `lb4_backends`.
     pub backend_id: u32,
-    /// Master: number of backend slots. 0 means "no usable endpoint":
-    /// new connections are refused (rule 21).
+    /// Master: number of backend slots. 0 means the frontend has no
+    /// backend for new flows: refused (rule 21), or dropped when
+    /// [`service_flags::DROP_WHEN_EMPTY`] is set (rules 18, 19, 28).
     pub count: u16,
-    pub _pad0: u16,
+    /// Master: [`service_flags`] bits.
+    pub flags: u16,
     /// Master: id of the service port, shared by all of its frontends;
     /// the affinity tables are keyed by it (rule 23).
     pub svc_id: u32,
@@ -107,11 +110,11 @@ pub struct ServiceValue {
 
 impl ServiceValue {
     #[inline(always)]
-    pub const fn master(count: u16, svc_id: u32, affinity_timeout: u32) -> Self {
+    pub const fn master(count: u16, flags: u16, svc_id: u32, affinity_timeout: u32) -> Self {
         Self {
             backend_id: 0,
             count,
-            _pad0: 0,
+            flags,
             svc_id,
             affinity_timeout,
         }
@@ -122,11 +125,21 @@ impl ServiceValue {
         Self {
             backend_id,
             count: 0,
-            _pad0: 0,
+            flags: 0,
             svc_id: 0,
             affinity_timeout: 0,
         }
     }
+}
+
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// With no backend, new flows are dropped rather than refused: the
+    /// service has endpoints, just none this frontend may use (a Local
+    /// traffic policy with no local endpoint). At socket level a drop
+    /// cannot make `connect()` wait, so it fails with EHOSTUNREACH (what a
+    /// dropped path reports), never the ECONNREFUSED of rule 21.
+    pub const DROP_WHEN_EMPTY: u16 = 1 << 0;
 }
 
 /// Value of `lb4_backends`, keyed by backend id (`u32`, never 0).
@@ -223,10 +236,13 @@ pub enum Counter {
     RevNatApplied = 4,
     /// A new flow reused its client's affinity entry.
     AffinityHit = 5,
+    /// A frontend with endpoints elsewhere but none usable here dropped a
+    /// new flow (rules 18, 19, 28).
+    DroppedNoLocalBackend = 6,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Translated,
         Counter::RejectedNoBackend,
@@ -234,6 +250,7 @@ impl Counter {
         Counter::RevNatStoreFailed,
         Counter::RevNatApplied,
         Counter::AffinityHit,
+        Counter::DroppedNoLocalBackend,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -244,6 +261,7 @@ impl Counter {
             Counter::RevNatStoreFailed => "rev_nat_store_failed",
             Counter::RevNatApplied => "rev_nat_applied",
             Counter::AffinityHit => "affinity_hit",
+            Counter::DroppedNoLocalBackend => "dropped_no_local_backend",
         }
     }
 }

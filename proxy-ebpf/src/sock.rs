@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, proto,
+    SockRevNatKey, SockRevNatValue, proto, service_flags,
 };
 
 use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, COUNTERS, SERVICES, SOCK_REV_NAT};
@@ -23,6 +23,7 @@ use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, COUNTERS, SERVICES, SOCK_R
 const REJECT: i32 = 0;
 const PROCEED: i32 = 1;
 const ECONNREFUSED: i32 = 111;
+const EHOSTUNREACH: i32 = 113;
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 #[cgroup_sock_addr(connect4)]
@@ -68,13 +69,19 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     let frontend_port = unsafe { (*sa).user_port } as u16;
     let master_key = ServiceKey::new(frontend_addr, frontend_port, protocol as u8, 0);
     let Some(master) = SERVICES.get_ptr(master_key) else {
-        return PROCEED;
+        return reject_undefined_port(frontend_addr, protocol as u8);
     };
     let master = unsafe { *master };
     if master.count == 0 {
-        // Rule 21: no usable endpoint refuses at once instead of timing out.
-        count(Counter::RejectedNoBackend);
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        let retval = if master.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+            count(Counter::DroppedNoLocalBackend);
+            -EHOSTUNREACH
+        } else {
+            // Rule 21: no usable endpoint refuses at once, not a timeout.
+            count(Counter::RejectedNoBackend);
+            -ECONNREFUSED
+        };
+        unsafe { bpf_set_retval(retval) };
         return REJECT;
     }
     let Some(backend_id) = select_backend(ctx, &master_key, &master) else {
@@ -105,6 +112,19 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     }
     count(Counter::Translated);
     PROCEED
+}
+
+/// Rule 9: a ClusterIP's port 0 entry (count 0) stands for every port the
+/// Service does not define; those connections are refused. Any other
+/// address passes untouched.
+#[inline(always)]
+fn reject_undefined_port(addr: u32, protocol: u8) -> i32 {
+    if SERVICES.get_ptr(ServiceKey::new(addr, 0, protocol, 0)).is_none() {
+        return PROCEED;
+    }
+    count(Counter::RejectedNoBackend);
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    REJECT
 }
 
 /// The maps disagree with themselves (a slot or backend is missing): refuse

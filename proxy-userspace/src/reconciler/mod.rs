@@ -200,7 +200,7 @@ impl<D: Datapath> Reconciler<D> {
             )?;
         }
         let affinity = port.plan.affinity_timeout.unwrap_or(0);
-        let master = ServiceValue::master(count, port.svc_id, affinity);
+        let master = ServiceValue::master(count, 0, port.svc_id, affinity);
         let master_key = codec::service_key(frontend, 0);
         let old_count = self.services.get(&master_key).map_or(0, |old| old.count);
         changed |= self.put_service(master_key, master)?;
