@@ -5,39 +5,87 @@
 //! pinned: traffic keeps flowing on the last programmed state until the
 //! next agent takes over, or `ebpf-proxy uninstall` removes it.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
-use tokio::signal::unix::{SignalKind, signal};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 
 use crate::{
     health::Health,
+    healthcheck::HealthCheckServers,
+    host, http,
     maps::PinnedMaps,
-    model::{ClusterSnapshot, DesiredState, desired_state},
+    metrics::Metrics,
+    model::{
+        ClusterSnapshot, DesiredState, NodePortAddresses,
+        desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
+        desired_state,
+    },
     programs,
     reconciler::{Reconciler, SyncReport},
-    source::manifests::{ManifestsSource, Severity},
+    source::{SourceStatus, kube::KubeSource, manifests::ManifestsSource},
 };
 
+/// Where the cluster state comes from.
+pub enum SourceConfig {
+    /// A directory of manifests, rescanned every `poll_interval`.
+    Manifests {
+        dir: PathBuf,
+        poll_interval: Duration,
+    },
+    /// The API server: from a kubeconfig file, or in-cluster configuration.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
 pub struct AgentConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub healthz_bind_address: SocketAddr,
-    /// How often the manifests directory is rescanned.
-    pub poll_interval: Duration,
-    /// A change waiting longer than this makes /healthz fail.
+    pub metrics_bind_address: SocketAddr,
+    pub nodeport_addresses: NodePortAddresses,
+    /// A change waiting longer than this, or a source failing longer than
+    /// this, makes /healthz fail.
     pub health_timeout: Duration,
 }
 
+/// How soon a sync that failed part-way is tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 pub async fn run(config: AgentConfig) -> Result<()> {
-    if !config.manifests.is_dir() {
-        bail!(
-            "--manifests {} is not a directory",
-            config.manifests.display()
-        );
-    }
+    let (snapshots, mut updates) = watch::channel(None);
+    let status = SourceStatus::default();
+    // Everything that can fail on bad flags fails before the datapath changes.
+    let mut source = match &config.source {
+        SourceConfig::Manifests { dir, poll_interval } => {
+            if !dir.is_dir() {
+                bail!("--manifests {} is not a directory", dir.display());
+            }
+            let source = ManifestsSource::new(dir, &config.node_name);
+            tokio::spawn(source.run(snapshots, status.clone(), *poll_interval))
+        }
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let source = KubeSource::new(client, &config.node_name);
+            tokio::spawn(source.run(snapshots, status.clone()))
+        }
+    };
+    let metrics = Metrics::new(config.bpffs.clone(), status.clone());
+    let health = Health::new(config.health_timeout, status);
+    let health_listener = http::bind(config.healthz_bind_address, "health").await?;
+    let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
+
     programs::install(&config.bpffs, &config.cgroup)?;
     let maps = PinnedMaps::open(&config.bpffs).context("opening the pinned maps")?;
     let mut reconciler = Reconciler::new(maps).context("reading back the pinned maps")?;
@@ -47,60 +95,177 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         frontends = reconciler.frontend_count(),
         "datapath attached"
     );
-
-    let health = Health::new(config.health_timeout);
-    let listener = Health::bind(config.healthz_bind_address).await?;
-    let mut health_server = tokio::spawn(health.clone().serve(listener));
-    let mut source = ManifestsSource::new(&config.manifests, &config.node_name);
+    let mut servers = tokio::spawn(serve_endpoints(
+        health_listener,
+        health.clone(),
+        metrics_listener,
+        metrics.clone(),
+    ));
+    let mut sync = SyncLoop {
+        health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
+        health,
+        metrics,
+        nodeport_addresses: config.nodeport_addresses.clone(),
+        last_snapshot: ClusterSnapshot::default(),
+        waiting_since: None,
+    };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut retry: Option<DesiredState> = None;
+    let mut pending: Option<DesiredState> = None;
 
     loop {
-        match source.poll() {
-            Ok(poll) => {
-                for problem in &poll.problems {
-                    match problem.severity {
-                        Severity::Invalid => {
-                            tracing::warn!(file = %problem.file.display(), "{problem}")
-                        }
-                        Severity::Ignored => {
-                            tracing::info!(file = %problem.file.display(), "{problem}")
-                        }
-                    }
-                }
-                if let Some(snapshot) = poll.snapshot {
-                    health.change_pending();
-                    retry = Some(plan(&snapshot));
-                }
-            }
-            // Keep the last good state: a vanished directory is not "no services".
-            Err(err) => tracing::warn!(
-                error = format!("{err:#}"),
-                "manifests source unreadable; datapath unchanged"
-            ),
-        }
-        if let Some(desired) = retry.take() {
-            let report = reconciler.sync(&desired);
-            log_report(&report, desired.ports.len());
-            if report.is_complete() {
-                health.synced();
-            } else {
-                retry = Some(desired);
-            }
-        }
         tokio::select! {
-            _ = tokio::time::sleep(config.poll_interval) => {}
+            changed = updates.changed() => {
+                if changed.is_err() {
+                    bail!("the source stopped");
+                }
+                if let Some(snapshot) = updates.borrow_and_update().clone() {
+                    pending = Some(sync.plan(snapshot).await);
+                }
+            }
+            _ = tokio::time::sleep(RETRY_INTERVAL), if pending.is_some() => {}
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            served = &mut health_server => {
-                let Err(err) = served.context("health server task")?;
-                return Err(err.context("health server stopped"));
+            served = &mut servers => {
+                let Err(err) = served.context("http server task")?;
+                return Err(err.context("http server stopped"));
             }
+            ended = &mut source => {
+                ended.context("source task")?;
+                bail!("the source stopped");
+            }
+        }
+        if let Some(desired) = pending.take()
+            && !sync.program(&mut reconciler, &desired)
+        {
+            pending = Some(desired);
         }
     }
     tracing::info!(bpffs = %config.bpffs.display(), "exiting; the datapath stays pinned and keeps serving");
     Ok(())
+}
+
+/// What the loop keeps between snapshots and syncs.
+struct SyncLoop {
+    health: Health,
+    metrics: Metrics,
+    health_checks: HealthCheckServers,
+    nodeport_addresses: NodePortAddresses,
+    last_snapshot: ClusterSnapshot,
+    /// Since when a change waits to be programmed.
+    waiting_since: Option<Instant>,
+}
+
+impl SyncLoop {
+    /// A new snapshot: completes it with this host's facts, counts what
+    /// changed, and plans the datapath (health-check servers follow at once).
+    async fn plan(&mut self, mut snapshot: ClusterSnapshot) -> DesiredState {
+        self.health.change_pending();
+        self.health.node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
+        self.waiting_since.get_or_insert_with(Instant::now);
+        let (services, slices) = changes(&self.last_snapshot, &snapshot);
+        self.metrics.count_changes(services, slices);
+        snapshot.nodeport_addresses = self.nodeport_addresses.clone();
+        snapshot.local_addresses = host::interface_addresses()
+            .inspect_err(|err| tracing::warn!(error = %err, "cannot list interface addresses"))
+            .unwrap_or_default();
+        let desired = plan(&snapshot);
+        let (internal, external) = without_local_endpoints(&desired);
+        self.metrics.set_no_local_endpoints(internal, external);
+        self.health_checks.update(&desired.health_checks).await;
+        self.last_snapshot = snapshot;
+        desired
+    }
+
+    /// Programs `desired`; false when part of it failed (retry later).
+    fn program(&mut self, reconciler: &mut Reconciler<PinnedMaps>, desired: &DesiredState) -> bool {
+        let started = Instant::now();
+        let report = reconciler.sync(desired);
+        self.metrics.observe_sync(started.elapsed());
+        log_report(&report, desired.ports.len());
+        if !report.is_complete() {
+            return false;
+        }
+        self.health.synced();
+        if let Some(since) = self.waiting_since.take() {
+            self.metrics.observe_programmed(since.elapsed());
+        }
+        true
+    }
+}
+
+/// Health and metrics, each on its own address; ends when either fails.
+async fn serve_endpoints(
+    health_listener: tokio::net::TcpListener,
+    health: Health,
+    metrics_listener: tokio::net::TcpListener,
+    metrics: Metrics,
+) -> Result<std::convert::Infallible> {
+    let health = http::serve(
+        health_listener,
+        Arc::new(move |path: &str| health.respond(path)),
+    );
+    let metrics = http::serve(
+        metrics_listener,
+        Arc::new(move |path: &str| metrics.respond(path)),
+    );
+    tokio::select! {
+        failed = health => failed,
+        failed = metrics => failed,
+    }
+}
+
+/// Service ports whose Local traffic policy leaves them without an
+/// endpoint: (internal, external), as kube-proxy counts them.
+fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
+    let dropping = |selection: &Selection| {
+        selection.when_empty == WhenEmpty::Drop && selection.backends.is_empty()
+    };
+    let count = |pick: &dyn Fn(&FrontendPlan) -> bool| {
+        desired
+            .ports
+            .values()
+            .filter(|port| port.frontends.iter().any(pick))
+            .count() as i64
+    };
+    (
+        count(&|frontend| frontend.kind == FrontendKind::ClusterIp && dropping(&frontend.internal)),
+        count(&|frontend| frontend.external.as_ref().is_some_and(dropping)),
+    )
+}
+
+/// How many Services and EndpointSlices differ between two snapshots
+/// (added, changed or removed), for the change counters.
+fn changes(before: &ClusterSnapshot, after: &ClusterSnapshot) -> (u64, u64) {
+    fn differing<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> u64 {
+        let changed_or_removed = a
+            .iter()
+            .filter(|(key, value)| b.get(*key) != Some(*value))
+            .count();
+        let added = b.keys().filter(|key| !a.contains_key(*key)).count();
+        (changed_or_removed + added) as u64
+    }
+    (
+        differing(&before.services, &after.services),
+        differing(&before.slices, &after.slices),
+    )
+}
+
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no in-cluster configuration (KUBERNETES_SERVICE_HOST unset?): pass --kubeconfig \
+             or --manifests",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 fn plan(snapshot: &ClusterSnapshot) -> DesiredState {
@@ -119,6 +284,9 @@ fn plan(snapshot: &ClusterSnapshot) -> DesiredState {
 fn log_report(report: &SyncReport, service_ports: usize) {
     for (port, err) in &report.failed {
         tracing::error!(service_port = %port, error = %err, "programming failed; keeps its previous state, retrying");
+    }
+    for (cluster_ip, err) in &report.failed_wildcards {
+        tracing::error!(%cluster_ip, error = %err, "refusing undefined ports failed; retrying");
     }
     for err in &report.failed_deletes {
         tracing::error!(error = %err, "delete failed; retrying");

@@ -1,27 +1,19 @@
 //! `/healthz` and `/livez` (rule 33): healthy once the first sync is
 //! programmed and while no change has waited longer than the health timeout
 //! to be applied.
-//!
-//! A minimal HTTP/1.1 responder: these endpoints are probed by kubelet and
-//! load balancers with plain GETs, so a full HTTP stack would add nothing.
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context, Result};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use crate::{http::Response, source::SourceStatus};
 
-/// What the sync loop tells the health endpoints.
+/// What the sync loop and the source tell the health endpoints.
 #[derive(Clone)]
 pub struct Health {
     inner: Arc<Mutex<State>>,
+    source: SourceStatus,
     timeout: Duration,
 }
 
@@ -31,6 +23,15 @@ struct State {
     last_updated: Option<SystemTime>,
     /// Since when a change waits to be applied.
     pending_since: Option<Instant>,
+    /// This node's object is being deleted.
+    node_deleting: bool,
+}
+
+/// Which endpoint asks: they differ only on node deletion (rule 33).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Healthz,
+    Livez,
 }
 
 /// A health answer, as served.
@@ -41,9 +42,10 @@ pub struct Status {
 }
 
 impl Health {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, source: SourceStatus) -> Self {
         Self {
             inner: Arc::default(),
+            source,
             timeout,
         }
     }
@@ -59,6 +61,10 @@ impl Health {
         self.state().pending_since.get_or_insert_with(Instant::now);
     }
 
+    pub fn node_deleting(&self, deleting: bool) {
+        self.state().node_deleting = deleting;
+    }
+
     /// The datapath now equals the desired state.
     pub fn synced(&self) {
         let mut state = self.state();
@@ -66,81 +72,50 @@ impl Health {
         state.pending_since = None;
     }
 
-    pub fn status(&self) -> Status {
+    /// Healthy once programmed, while no change waits longer than the
+    /// timeout and the source has not failed for longer than the timeout
+    /// (the datapath still serves its last state then, but may be stale);
+    /// `/healthz` (not `/livez`) also fails while the node is being deleted.
+    pub fn status(&self, probe: Probe) -> Status {
         let state = self.state();
         let stale = state
             .pending_since
             .is_some_and(|since| since.elapsed() > self.timeout);
-        let healthy = state.last_updated.is_some() && !stale;
-        let body = serde_json::json!({
+        let failure = self.source.failure();
+        let source_down = failure
+            .as_ref()
+            .is_some_and(|failure| failure.since.elapsed() > self.timeout);
+        let deleting = probe == Probe::Healthz && state.node_deleting;
+        let healthy = state.last_updated.is_some() && !stale && !source_down && !deleting;
+        let mut body = serde_json::json!({
             "lastUpdated": state.last_updated.map(rfc3339),
             "currentTime": rfc3339(SystemTime::now()),
             "healthy": healthy,
         });
+        if deleting {
+            body["nodeEligible"] = serde_json::json!(false);
+        }
+        if let Some(failure) = failure {
+            body["sourceError"] = serde_json::json!({
+                "reason": failure.reason,
+                "failingForSeconds": failure.since.elapsed().as_secs(),
+            });
+        }
         Status {
             healthy,
             body: body.to_string(),
         }
     }
 
-    /// Binds first, so a taken address fails the agent at start.
-    pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-        let listener = TcpListener::bind(addr).await.with_context(|| {
-            format!("binding the health server to {addr} (--healthz-bind-address)")
-        })?;
-        tracing::info!(%addr, "health server listening");
-        Ok(listener)
-    }
-
-    /// Serves until accepting fails.
-    pub async fn serve(self, listener: TcpListener) -> Result<Infallible> {
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let health = self.clone();
-            tokio::spawn(async move {
-                if let Err(err) = health.answer(stream).await {
-                    tracing::debug!(error = %err, "health request failed");
-                }
-            });
-        }
-    }
-
-    async fn answer(&self, mut stream: TcpStream) -> Result<()> {
-        let mut head = Vec::with_capacity(512);
-        let mut buf = [0u8; 512];
-        let read_head = async {
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                let n = stream.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                head.extend_from_slice(&buf[..n]);
-            }
-            Ok::<_, std::io::Error>(())
+    /// `/healthz` and `/livez`.
+    pub fn respond(&self, path: &str) -> Response {
+        let probe = match path {
+            "/healthz" => Probe::Healthz,
+            "/livez" => Probe::Livez,
+            _ => return Response::not_found(),
         };
-        tokio::time::timeout(Duration::from_secs(5), read_head).await??;
-        let request = String::from_utf8_lossy(&head);
-        let path = request.split_whitespace().nth(1).unwrap_or("/");
-        let (code, body) = match path.split('?').next() {
-            Some("/healthz" | "/livez") => {
-                let status = self.status();
-                let code = if status.healthy {
-                    "200 OK"
-                } else {
-                    "503 Service Unavailable"
-                };
-                (code, status.body)
-            }
-            _ => ("404 Not Found", "{\"error\":\"not found\"}".to_string()),
-        };
-        let response = format!(
-            "HTTP/1.1 {code}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await?;
-        Ok(())
+        let status = self.status(probe);
+        Response::json(if status.healthy { 200 } else { 503 }, status.body)
     }
 }
 
@@ -156,12 +131,12 @@ mod tests {
 
     #[test]
     fn rule_33_unhealthy_until_first_sync() {
-        let health = Health::new(Duration::from_secs(60));
-        assert!(!health.status().healthy);
+        let health = Health::new(Duration::from_secs(60), SourceStatus::default());
+        assert!(!health.status(Probe::Healthz).healthy);
         health.change_pending();
-        assert!(!health.status().healthy);
+        assert!(!health.status(Probe::Healthz).healthy);
         health.synced();
-        let status = health.status();
+        let status = health.status(Probe::Healthz);
         assert!(status.healthy);
         let body: serde_json::Value = serde_json::from_str(&status.body).unwrap();
         assert_eq!(body["healthy"], true);
@@ -170,13 +145,42 @@ mod tests {
 
     #[test]
     fn rule_33_change_waiting_longer_than_timeout_is_unhealthy() {
-        let health = Health::new(Duration::ZERO);
+        let health = Health::new(Duration::ZERO, SourceStatus::default());
         health.synced();
         health.change_pending();
         std::thread::sleep(Duration::from_millis(5));
-        assert!(!health.status().healthy);
+        assert!(!health.status(Probe::Healthz).healthy);
         health.synced();
-        assert!(health.status().healthy);
+        assert!(health.status(Probe::Healthz).healthy);
+    }
+
+    #[test]
+    fn rule_33_source_failing_longer_than_timeout_is_unhealthy_and_says_why() {
+        let source = SourceStatus::default();
+        let health = Health::new(Duration::ZERO, source.clone());
+        health.synced();
+        source.failing("watch failed: connection refused".into());
+        std::thread::sleep(Duration::from_millis(5));
+        let status = health.status(Probe::Healthz);
+        assert!(!status.healthy);
+        let body: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+        assert_eq!(
+            body["sourceError"]["reason"],
+            "watch failed: connection refused"
+        );
+        source.ok();
+        assert!(health.status(Probe::Healthz).healthy);
+    }
+
+    #[test]
+    fn rule_33_node_deletion_fails_healthz_not_livez() {
+        let health = Health::new(Duration::from_secs(60), SourceStatus::default());
+        health.synced();
+        health.node_deleting(true);
+        assert!(!health.status(Probe::Healthz).healthy);
+        assert!(health.status(Probe::Livez).healthy);
+        assert_eq!(health.respond("/healthz").status, 503);
+        assert_eq!(health.respond("/livez").status, 200);
     }
 
     #[test]

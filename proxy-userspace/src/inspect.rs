@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
-use proxy_common::{Backend, Counter, ServiceKey, ServiceValue, map_names};
+use proxy_common::{Backend, Counter, ServiceKey, ServiceValue, map_names, service_flags};
 use serde::Serialize;
 
 use crate::{
@@ -20,6 +20,9 @@ pub struct FrontendRow {
     pub svc_id: u32,
     /// Seconds; 0 when ClientIP affinity is off.
     pub affinity_timeout: u32,
+    /// What new flows get while `backends` is empty: "refuse" (no endpoint
+    /// anywhere, rule 21) or "drop" (endpoints elsewhere only, rule 28).
+    pub when_empty: &'static str,
     pub backends: Vec<BackendRow>,
 }
 
@@ -55,7 +58,8 @@ pub fn frontends(bpffs: &Path) -> Result<Vec<FrontendRow>> {
     let backends = backends(bpffs)?;
     let mut rows: Vec<FrontendRow> = services
         .iter()
-        .filter(|(key, _)| key.slot == 0)
+        // Rule 9 wildcards (port 0) are not frontends.
+        .filter(|(key, _)| key.slot == 0 && !codec::is_cluster_ip_wildcard(key))
         .filter_map(|(key, master)| {
             let frontend = codec::frontend(key)?;
             let backends = (1..=master.count)
@@ -69,6 +73,11 @@ pub fn frontends(bpffs: &Path) -> Result<Vec<FrontendRow>> {
                 frontend,
                 svc_id: master.svc_id,
                 affinity_timeout: master.affinity_timeout,
+                when_empty: if master.flags & service_flags::DROP_WHEN_EMPTY != 0 {
+                    "drop"
+                } else {
+                    "refuse"
+                },
                 backends,
             })
         })
@@ -103,7 +112,10 @@ pub fn frontends_table(rows: &[FrontendRow]) -> String {
     );
     for row in rows {
         let backends = if row.backends.is_empty() {
-            "(none: connections refused)".to_string()
+            match row.when_empty {
+                "drop" => "(none: new connections dropped)".to_string(),
+                _ => "(none: new connections refused)".to_string(),
+            }
         } else {
             row.backends
                 .iter()

@@ -5,12 +5,17 @@
 //! [`source`] (manifests) -> [`model`] (pure semantics) -> [`reconciler`]
 //! (diff and ordered writes) -> [`maps`] (pinned BPF maps) -> [`programs`]
 //! (load, attach, pin). [`agent`] wires them; [`inspect`] reads the pinned
-//! maps back for operators; [`health`] serves `/healthz`.
+//! maps back for operators; [`health`] and [`metrics`] serve `/healthz`
+//! and `/metrics` over the small [`http`] responder.
 
 pub mod agent;
 pub mod health;
+pub mod healthcheck;
+pub mod host;
+pub mod http;
 pub mod inspect;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod programs;
 pub mod reconciler;

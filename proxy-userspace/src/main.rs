@@ -4,7 +4,7 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_userspace::{agent, inspect, programs};
+use proxy_userspace::{agent, host, inspect, model::NodePortAddresses, programs};
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
 
@@ -39,9 +39,14 @@ enum Command {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Directory of Service, EndpointSlice, Endpoints and Node manifests
-    /// (*.yaml, *.yml, *.json; multi-document); changes apply within 1 s.
+    /// (*.yaml, *.yml, *.json; multi-document) to serve instead of a
+    /// cluster; changes apply within 1 s.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    manifests: Option<PathBuf>,
+    /// Watch the cluster through this kubeconfig. Without it (and without
+    /// --manifests) the in-cluster configuration is used.
     #[arg(long)]
-    manifests: PathBuf,
+    kubeconfig: Option<PathBuf>,
     /// This node's name; decides which endpoints are local. Default: the host name.
     #[arg(long)]
     hostname_override: Option<String>,
@@ -55,7 +60,16 @@ struct AgentArgs {
     /// Address of /healthz and /livez.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_bind_address: SocketAddr,
-    /// A change that waits longer than this to be programmed fails /healthz.
+    /// Which node addresses serve NodePorts: "primary" (the node's primary
+    /// address) or comma-separated CIDRs ("0.0.0.0/0": every address;
+    /// loopback only through a range inside 127.0.0.0/8).
+    #[arg(long, default_value = "primary", value_parser = parse_nodeport_addresses)]
+    nodeport_addresses: NodePortAddresses,
+    /// Address of /metrics (Prometheus text).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: SocketAddr,
+    /// A change that waits longer than this to be programmed, or a source
+    /// failing longer than this, fails /healthz.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
 }
@@ -135,22 +149,47 @@ fn print(
     Ok(())
 }
 
+fn parse_nodeport_addresses(value: &str) -> Result<NodePortAddresses, String> {
+    if value == "primary" {
+        return Ok(NodePortAddresses::Primary);
+    }
+    let cidrs = value
+        .split(',')
+        .map(|cidr| {
+            cidr.trim()
+                .parse()
+                .map_err(|err| format!("{cidr:?}: {err}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(NodePortAddresses::Cidrs(cidrs))
+}
+
 fn run_agent(args: AgentArgs) -> Result<()> {
     let node_name = match args.hostname_override {
         Some(name) => name,
-        None => hostname()?,
+        None => host::hostname()?,
     };
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => programs::default_cgroup2()?,
     };
+    let source = match args.manifests {
+        Some(dir) => agent::SourceConfig::Manifests {
+            dir,
+            poll_interval: Duration::from_millis(250),
+        },
+        None => agent::SourceConfig::Kubernetes {
+            kubeconfig: args.kubeconfig,
+        },
+    };
     let config = agent::AgentConfig {
-        manifests: args.manifests,
+        source,
         node_name,
         cgroup,
         bpffs: args.bpffs,
         healthz_bind_address: args.healthz_bind_address,
-        poll_interval: Duration::from_millis(250),
+        metrics_bind_address: args.metrics_bind_address,
+        nodeport_addresses: args.nodeport_addresses,
         health_timeout: args.health_timeout,
     };
     tokio::runtime::Builder::new_multi_thread()
@@ -158,10 +197,4 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .enable_all()
         .build()?
         .block_on(agent::run(config))
-}
-
-/// The kernel's host name, lowercased as Kubernetes node names are.
-fn hostname() -> Result<String> {
-    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
-    Ok(name.trim().to_lowercase())
 }

@@ -49,6 +49,21 @@ pub fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
     )
 }
 
+/// Rule 9: the master entry that makes the datapath refuse the ports an
+/// allocated ClusterIP does not define. Port 0 is never a real frontend.
+pub fn cluster_ip_wildcard(addr: Ipv4Addr, protocol: Protocol) -> ServiceKey {
+    let frontend = Frontend {
+        addr,
+        port: 0,
+        protocol,
+    };
+    service_key(&frontend, 0)
+}
+
+pub fn is_cluster_ip_wildcard(key: &ServiceKey) -> bool {
+    key.port == 0
+}
+
 /// The frontend of a services key; `None` for a protocol this build does
 /// not know (a map written by a newer agent).
 pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
@@ -103,6 +118,22 @@ mod tests {
         let value = backend(&addr);
         assert_eq!(value.proto, 17);
         assert_eq!(backend_addr(&value), Some(addr));
+    }
+
+    #[test]
+    fn rule_09_cluster_ip_wildcard_is_port_zero_master() {
+        let key = cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, 10), Protocol::Udp);
+        assert_eq!(
+            key,
+            ServiceKey::new(addr_to_map(Ipv4Addr::new(10, 96, 0, 10)), 0, 17, 0)
+        );
+        assert!(is_cluster_ip_wildcard(&key));
+        let real = Frontend {
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: Protocol::Udp,
+        };
+        assert!(!is_cluster_ip_wildcard(&service_key(&real, 0)));
     }
 
     #[test]

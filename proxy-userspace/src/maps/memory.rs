@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::MapError;
 use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names};
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, codec};
 
 /// One write, as the datapath saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,9 +30,15 @@ pub struct MemoryDatapath {
 }
 
 impl MemoryDatapath {
-    /// Every master entry's slots exist and point at existing backends: the
-    /// invariant the reconciler keeps after each single write.
+    /// Every master entry's slots exist and point at existing backends, and
+    /// rule 9 wildcards (port 0) have neither count nor slots: the
+    /// invariants the reconciler keeps after each single write.
     pub fn check_consistent(&self) -> Result<(), String> {
+        if let Some((key, _)) = self.services.iter().find(|(key, value)| {
+            codec::is_cluster_ip_wildcard(key) && (key.slot != 0 || value.count != 0)
+        }) {
+            return Err(format!("{key:?}: a wildcard with backend slots"));
+        }
         for (key, value) in self.services.iter().filter(|(key, _)| key.slot == 0) {
             for slot in 1..=value.count {
                 let slot_key = ServiceKey { slot, ..*key };

@@ -4,19 +4,23 @@
 //! unit-tested without root.
 //!
 //! - [`objects`]: validated, proxy-relevant views of API objects, and the
-//!   rules that decide which objects are proxied at all (rules 1, 2, 5-7).
-//! - [`desired`]: service ports -> frontends and selected backends
-//!   (rules 4, 8, 23-28).
+//!   rules that decide which objects are proxied at all (rules 1, 2, 5-7,
+//!   12-15, 35).
+//! - [`desired`]: service ports -> frontends of every kind and the backends
+//!   each may select (rules 4, 8, 9, 11, 13-19, 21, 23-28, 32).
 
 pub mod desired;
 pub mod objects;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ipnet::Ipv4Net;
 
 pub use desired::{
-    BackendAddr, DesiredState, Frontend, ServicePortName, ServicePortPlan, desired_state,
+    BackendAddr, DesiredState, Frontend, FrontendKind, FrontendPlan, HealthCheck, Selection,
+    ServicePortName, ServicePortPlan, WhenEmpty, desired_state,
 };
-pub use objects::{NodeInfo, ObjectKey, Protocol, ServiceInfo, SliceInfo};
+pub use objects::{NodeInfo, ObjectKey, Protocol, ServiceInfo, ServiceType, SliceInfo};
 
 /// Everything a source knows, already validated: the input of
 /// [`desired_state`]. Sources (manifests, Kubernetes watches) build it; the
@@ -26,8 +30,24 @@ pub struct ClusterSnapshot {
     /// This node's name (`--hostname-override`): decides which endpoints are
     /// local.
     pub node_name: String,
-    /// This node's object, when the source has seen it (zone label).
+    /// This node's object, when the source has seen it (zone label,
+    /// addresses).
     pub node: Option<NodeInfo>,
     pub services: BTreeMap<ObjectKey, ServiceInfo>,
     pub slices: BTreeMap<ObjectKey, SliceInfo>,
+    /// The host's IPv4 interface addresses: NodePort candidates (rule 11).
+    pub local_addresses: Vec<Ipv4Addr>,
+    /// `--nodeport-addresses` (rule 11).
+    pub nodeport_addresses: NodePortAddresses,
+}
+
+/// Which node addresses serve NodePorts (rule 11).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum NodePortAddresses {
+    /// The node's primary address (the nftables-mode default).
+    #[default]
+    Primary,
+    /// Every node address one of these contains; loopback addresses only
+    /// through a range that lies inside 127.0.0.0/8.
+    Cidrs(Vec<Ipv4Net>),
 }

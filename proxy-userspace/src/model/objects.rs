@@ -9,9 +9,13 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
+use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::{
     api::{
-        core::v1::{EndpointAddress, EndpointSubset, Endpoints, Node, Service, ServiceSpec},
+        core::v1::{
+            EndpointAddress, EndpointSubset, Endpoints, Node, NodeStatus, Service, ServiceSpec,
+            ServiceStatus,
+        },
         discovery::v1::{Endpoint, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -39,15 +43,40 @@ pub enum Protocol {
     Udp,
 }
 
+/// `spec.type` of a proxied Service (ExternalName is never proxied).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum ServiceType {
+    #[default]
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+}
+
 /// A proxied Service (IPv4 family).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceInfo {
     pub key: ObjectKey,
+    pub service_type: ServiceType,
     /// The IPv4 entry of `spec.clusterIPs` (or `spec.clusterIP`).
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePortInfo>,
     /// `Some(seconds)` when `sessionAffinity: ClientIP` (default 10800).
     pub affinity_timeout: Option<u32>,
+    /// Rule 14: the IPv4 entries of `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// Rule 13: IPv4 `status.loadBalancer.ingress[].ip` with `ipMode` VIP
+    /// (or unset).
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// Rule 15: the IPv4 entries of `spec.loadBalancerSourceRanges`,
+    /// host bits cleared.
+    pub source_ranges: Vec<Ipv4Net>,
+    /// `externalTrafficPolicy: Local` (rules 16-18).
+    pub external_traffic_local: bool,
+    /// `internalTrafficPolicy: Local` (rule 19).
+    pub internal_traffic_local: bool,
+    /// Rule 32: `spec.healthCheckNodePort`, read only for type LoadBalancer
+    /// with `externalTrafficPolicy: Local`, the only Services that have one.
+    pub health_check_node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +85,9 @@ pub struct ServicePortInfo {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+    /// Rule 12: `spec.ports[].nodePort` as given; served only by types
+    /// NodePort and LoadBalancer.
+    pub node_port: Option<u16>,
 }
 
 /// A proxied EndpointSlice (addressType IPv4).
@@ -95,6 +127,12 @@ pub struct NodeInfo {
     pub name: String,
     /// The `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
+    /// IPv4 `status.addresses` of type InternalIP, then ExternalIP, without
+    /// duplicates; the first is the node's primary address (rule 11).
+    pub addresses: Vec<Ipv4Addr>,
+    /// `metadata.deletionTimestamp` is set: /healthz fails so load
+    /// balancers stop sending to this node (rule 33); /livez does not.
+    pub deleting: bool,
 }
 
 /// A valid object is either proxied or ignored by rule.
@@ -145,18 +183,32 @@ pub fn service(svc: &Service) -> Result<Admission<ServiceInfo>, InvalidObject> {
         .spec
         .as_ref()
         .ok_or(InvalidObject::MissingField("spec"))?;
-    if is_external_name(spec)? {
+    let Some(service_type) = service_type(spec)? else {
         return Ok(Admission::Ignored(IgnoreReason::ExternalName));
-    }
+    };
     let cluster_ip = match cluster_ipv4(spec)? {
         Ok(ip) => ip,
         Err(reason) => return Ok(Admission::Ignored(reason)),
     };
+    let external_traffic_local = traffic_policy_local(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+    )?;
     Ok(Admission::Proxied(ServiceInfo {
         key,
+        service_type,
         cluster_ip,
         ports: service_ports(spec)?,
         affinity_timeout: affinity_timeout(spec)?,
+        external_ips: external_ips(spec)?,
+        load_balancer_ips: load_balancer_ips(svc.status.as_ref())?,
+        source_ranges: source_ranges(spec)?,
+        external_traffic_local,
+        internal_traffic_local: traffic_policy_local(
+            "spec.internalTrafficPolicy",
+            spec.internal_traffic_policy.as_deref(),
+        )?,
+        health_check_node_port: health_check_node_port(spec, service_type, external_traffic_local)?,
     }))
 }
 
@@ -225,7 +277,12 @@ pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
     let zone = label(&node.metadata, LABEL_ZONE)
         .filter(|zone| !zone.is_empty())
         .map(str::to_owned);
-    Ok(NodeInfo { name, zone })
+    Ok(NodeInfo {
+        name,
+        zone,
+        addresses: node_addresses(node.status.as_ref())?,
+        deleting: node.metadata.deletion_timestamp.is_some(),
+    })
 }
 
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -296,14 +353,119 @@ fn ignored_by_label(meta: &ObjectMeta) -> Option<IgnoreReason> {
     }
 }
 
-/// Rule 2. Unknown types are rejected rather than served as ClusterIP, so a
-/// typo does not silently lose its NodePort.
-fn is_external_name(spec: &ServiceSpec) -> Result<bool, InvalidObject> {
+/// Rule 2: `None` for ExternalName, which is DNS only. Unknown types are
+/// rejected rather than served as ClusterIP, so a typo does not silently
+/// lose its NodePort.
+fn service_type(spec: &ServiceSpec) -> Result<Option<ServiceType>, InvalidObject> {
     match spec.type_.as_deref() {
-        Some("ExternalName") => Ok(true),
-        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => Ok(false),
+        None | Some("ClusterIP") => Ok(Some(ServiceType::ClusterIp)),
+        Some("NodePort") => Ok(Some(ServiceType::NodePort)),
+        Some("LoadBalancer") => Ok(Some(ServiceType::LoadBalancer)),
+        Some("ExternalName") => Ok(None),
         Some(other) => Err(invalid_value("spec.type", other)),
     }
+}
+
+/// Rules 16-19: `Local` or `Cluster` (the default).
+fn traffic_policy_local(field: &'static str, value: Option<&str>) -> Result<bool, InvalidObject> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => Err(invalid_value(field, other)),
+    }
+}
+
+/// Rules 14 and 35: IPv6 entries belong to the other family's datapath.
+fn external_ips(spec: &ServiceSpec) -> Result<Vec<Ipv4Addr>, InvalidObject> {
+    ipv4_entries("spec.externalIPs", spec.external_ips.iter().flatten())
+}
+
+/// Rule 13: ingress points in `Proxy` mode receive traffic with the
+/// balancer's own destination, and hostname-only ones have no address to
+/// capture: both are left alone.
+fn load_balancer_ips(status: Option<&ServiceStatus>) -> Result<Vec<Ipv4Addr>, InvalidObject> {
+    const FIELD: &str = "status.loadBalancer.ingress[].ip";
+    let ingress = status
+        .and_then(|status| status.load_balancer.as_ref())
+        .and_then(|load_balancer| load_balancer.ingress.as_ref())
+        .into_iter()
+        .flatten();
+    let mut vips = Vec::new();
+    for point in ingress {
+        match point.ip_mode.as_deref() {
+            None | Some("VIP") => vips.extend(point.ip.as_ref()),
+            Some("Proxy") => {}
+            Some(other) => {
+                return Err(invalid_value("status.loadBalancer.ingress[].ipMode", other));
+            }
+        }
+    }
+    ipv4_entries(FIELD, vips)
+}
+
+/// Rules 15 and 35. Host bits are cleared so equal ranges compare equal.
+fn source_ranges(spec: &ServiceSpec) -> Result<Vec<Ipv4Net>, InvalidObject> {
+    const FIELD: &str = "spec.loadBalancerSourceRanges";
+    let mut ranges = Vec::new();
+    for range in spec.load_balancer_source_ranges.iter().flatten() {
+        match range.trim().parse::<IpNet>() {
+            Ok(IpNet::V4(range)) => ranges.push(range.trunc()),
+            Ok(IpNet::V6(_)) => {}
+            Err(_) => return Err(invalid_value(FIELD, range)),
+        }
+    }
+    Ok(ranges)
+}
+
+/// Rule 32: only a LoadBalancer with `externalTrafficPolicy: Local` is
+/// health-checked; any other Service's value is not ours to serve.
+fn health_check_node_port(
+    spec: &ServiceSpec,
+    service_type: ServiceType,
+    external_traffic_local: bool,
+) -> Result<Option<u16>, InvalidObject> {
+    if service_type != ServiceType::LoadBalancer || !external_traffic_local {
+        return Ok(None);
+    }
+    spec.health_check_node_port
+        .map(|port| port_number(port, "spec.healthCheckNodePort"))
+        .transpose()
+}
+
+/// Rule 11: InternalIP before ExternalIP, so the primary address is the
+/// node's first internal one; IPv6 belongs to the other family.
+fn node_addresses(status: Option<&NodeStatus>) -> Result<Vec<Ipv4Addr>, InvalidObject> {
+    let addresses = status
+        .and_then(|status| status.addresses.as_deref())
+        .unwrap_or_default();
+    let of_type = |wanted: &'static str| {
+        addresses
+            .iter()
+            .filter(move |address| address.type_ == wanted)
+            .map(|address| &address.address)
+    };
+    let mut ipv4 = ipv4_entries(
+        "status.addresses[].address",
+        of_type("InternalIP").chain(of_type("ExternalIP")),
+    )?;
+    let mut seen = HashSet::new();
+    ipv4.retain(|ip| seen.insert(*ip));
+    Ok(ipv4)
+}
+
+/// The IPv4 entries of an address list, in order; IPv6 entries are skipped
+/// (rule 35), anything unparsable rejects the object.
+fn ipv4_entries<'a>(
+    field: &'static str,
+    values: impl IntoIterator<Item = &'a String>,
+) -> Result<Vec<Ipv4Addr>, InvalidObject> {
+    let mut ipv4 = Vec::new();
+    for value in values {
+        if let IpAddr::V4(ip) = parse_ip(field, value)? {
+            ipv4.push(unicast(field, ip)?);
+        }
+    }
+    Ok(ipv4)
 }
 
 /// Rules 2 and 35: the IPv4 cluster IP, or why there is none to serve.
@@ -365,6 +527,10 @@ fn service_ports(spec: &ServiceSpec) -> Result<Vec<ServicePortInfo>, InvalidObje
                 name: p.name.clone().unwrap_or_default(),
                 protocol: protocol(p.protocol.as_deref(), SERVICE_PORT_FIELDS.protocol)?,
                 port: port_number(p.port, SERVICE_PORT_FIELDS.port)?,
+                node_port: p
+                    .node_port
+                    .map(|node_port| port_number(node_port, "spec.ports[].nodePort"))
+                    .transpose()?,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -580,6 +746,13 @@ mod tests {
         ))
     }
 
+    /// `service_with_spec` plus a `status`.
+    fn service_with_status(extra: &str, status: &str) -> Service {
+        parse(&format!(
+            "metadata: {{name: web, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80}}]\n{extra}\nstatus: {status}"
+        ))
+    }
+
     fn proxied_service(svc: &Service) -> ServiceInfo {
         match service(svc) {
             Ok(Admission::Proxied(info)) => info,
@@ -615,28 +788,37 @@ spec:
   clusterIP: 10.96.0.10
   clusterIPs: [10.96.0.10]
   ports:
-  - {name: http, port: 80, protocol: TCP, targetPort: 8080}
-  - {name: dns, port: 53, protocol: UDP}
+  - {name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
 ",
         );
         assert_eq!(
             proxied_service(&svc),
             ServiceInfo {
                 key: key("shop", "web"),
+                service_type: ServiceType::NodePort,
                 cluster_ip: ip("10.96.0.10"),
                 ports: vec![
                     ServicePortInfo {
                         name: "http".into(),
                         protocol: Protocol::Tcp,
-                        port: 80
+                        port: 80,
+                        node_port: Some(30080),
                     },
                     ServicePortInfo {
                         name: "dns".into(),
                         protocol: Protocol::Udp,
-                        port: 53
+                        port: 53,
+                        node_port: Some(30053),
                     },
                 ],
                 affinity_timeout: None,
+                external_ips: vec![],
+                load_balancer_ips: vec![],
+                source_ranges: vec![],
+                external_traffic_local: false,
+                internal_traffic_local: false,
+                health_check_node_port: None,
             }
         );
     }
@@ -652,7 +834,8 @@ spec:
             vec![ServicePortInfo {
                 name: String::new(),
                 protocol: Protocol::Tcp,
-                port: 80
+                port: 80,
+                node_port: None,
             }]
         );
     }
@@ -1229,7 +1412,9 @@ subsets:
                 node(&parse(yaml)),
                 Ok(NodeInfo {
                     name: "node1".into(),
-                    zone: zone.map(str::to_owned)
+                    zone: zone.map(str::to_owned),
+                    addresses: vec![],
+                    deleting: false,
                 }),
                 "{yaml}"
             );
@@ -1237,10 +1422,287 @@ subsets:
     }
 
     #[test]
+    fn rule_33_node_being_deleted_is_flagged() {
+        let deleting = parse::<Node>("metadata: {name: node1, deletionTimestamp: '2026-11-22T04:00:00Z'}");
+        assert!(node(&deleting).unwrap().deleting);
+        assert!(!node(&parse::<Node>("metadata: {name: node1}")).unwrap().deleting);
+    }
+
+    #[test]
     fn node_without_name_is_rejected() {
         assert_eq!(
             node(&parse("metadata: {}")),
             Err(InvalidObject::MissingField("metadata.name"))
+        );
+    }
+    #[test]
+    fn rule_02_service_type_is_read() {
+        let cases = [
+            ("", ServiceType::ClusterIp),
+            ("  type: ClusterIP", ServiceType::ClusterIp),
+            ("  type: NodePort", ServiceType::NodePort),
+            ("  type: LoadBalancer", ServiceType::LoadBalancer),
+        ];
+        for (extra, expected) in cases {
+            assert_eq!(
+                proxied_service(&service_with_spec(extra)).service_type,
+                expected,
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_12_node_port_is_taken_as_given() {
+        let cases: [(&str, Result<Option<u16>, i32>); 7] = [
+            ("{port: 80}", Ok(None)),
+            ("{port: 80, nodePort: 30080}", Ok(Some(30080))),
+            ("{port: 80, nodePort: 1}", Ok(Some(1))),
+            ("{port: 80, nodePort: 65535}", Ok(Some(65535))),
+            ("{port: 80, nodePort: 0}", Err(0)),
+            ("{port: 80, nodePort: -1}", Err(-1)),
+            ("{port: 80, nodePort: 65536}", Err(65536)),
+        ];
+        for (port, expected) in cases {
+            let svc: Service = parse(&format!(
+                "metadata: {{name: web}}\nspec: {{type: NodePort, clusterIP: 10.96.0.10, ports: [{port}]}}"
+            ));
+            let result = service(&svc).map(|admission| match admission {
+                Admission::Proxied(info) => info.ports[0].node_port,
+                Admission::Ignored(reason) => panic!("ignored: {reason}"),
+            });
+            let expected = expected.map_err(|value| InvalidObject::PortOutOfRange {
+                field: "spec.ports[].nodePort",
+                value,
+            });
+            assert_eq!(result, expected, "{port}");
+        }
+    }
+
+    #[test]
+    fn rule_14_35_external_ips_ipv4_entries() {
+        let cases: [(&str, Result<Vec<&str>, &str>); 5] = [
+            ("", Ok(vec![])),
+            (
+                "  externalIPs: [198.51.100.8, 'fd00::8', 198.51.100.9]",
+                Ok(vec!["198.51.100.8", "198.51.100.9"]),
+            ),
+            ("  externalIPs: [198.51.100.8, bogus]", Err("bogus")),
+            ("  externalIPs: [0.0.0.0]", Err("0.0.0.0")),
+            ("  externalIPs: [224.0.0.1]", Err("224.0.0.1")),
+        ];
+        for (extra, expected) in cases {
+            let result = service(&service_with_spec(extra)).map(|admission| match admission {
+                Admission::Proxied(info) => info.external_ips,
+                Admission::Ignored(reason) => panic!("ignored: {reason}"),
+            });
+            let expected = expected
+                .map(|ips| ips.into_iter().map(ip).collect())
+                .map_err(|value| InvalidObject::InvalidIp {
+                    field: "spec.externalIPs",
+                    value: value.into(),
+                });
+            assert_eq!(result, expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn rule_13_load_balancer_ingress_vip_mode_only() {
+        let svc = service_with_status(
+            "  type: LoadBalancer",
+            "
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.1}
+    - {ip: 198.51.100.2, ipMode: VIP}
+    - {ip: 198.51.100.3, ipMode: Proxy}
+    - {hostname: lb.example.com}
+    - {hostname: lb.example.com, ipMode: VIP}
+    - {ip: 'fd00::4'}
+",
+        );
+        assert_eq!(
+            proxied_service(&svc).load_balancer_ips,
+            vec![ip("198.51.100.1"), ip("198.51.100.2")]
+        );
+    }
+
+    #[test]
+    fn rule_13_invalid_load_balancer_ingress_is_rejected() {
+        let cases = [
+            (
+                "{loadBalancer: {ingress: [{ip: 198.51.100.1, ipMode: Magic}]}}",
+                InvalidObject::InvalidValue {
+                    field: "status.loadBalancer.ingress[].ipMode",
+                    value: "Magic".into(),
+                },
+            ),
+            (
+                "{loadBalancer: {ingress: [{ip: 198.51.100.300}]}}",
+                InvalidObject::InvalidIp {
+                    field: "status.loadBalancer.ingress[].ip",
+                    value: "198.51.100.300".into(),
+                },
+            ),
+        ];
+        for (status, expected) in cases {
+            let svc = service_with_status("  type: LoadBalancer", status);
+            assert_eq!(service(&svc), Err(expected), "{status}");
+        }
+    }
+
+    #[test]
+    fn rule_15_35_source_ranges_ipv4_normalized() {
+        let svc = service_with_spec(
+            "  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/8, ' 203.0.113.7/24 ', 'fd00::/64', 192.0.2.1/32]",
+        );
+        let expected: Vec<Ipv4Net> = ["10.0.0.0/8", "203.0.113.0/24", "192.0.2.1/32"]
+            .iter()
+            .map(|range| range.parse().unwrap())
+            .collect();
+        assert_eq!(proxied_service(&svc).source_ranges, expected);
+    }
+
+    #[test]
+    fn rule_15_invalid_source_range_is_rejected() {
+        for range in ["10.0.0.1", "10.0.0.0/33", "bogus/8", ""] {
+            let svc = service_with_spec(&format!(
+                "  type: LoadBalancer\n  loadBalancerSourceRanges: ['{range}']"
+            ));
+            assert_eq!(
+                service(&svc),
+                Err(InvalidObject::InvalidValue {
+                    field: "spec.loadBalancerSourceRanges",
+                    value: range.into(),
+                }),
+                "{range}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_16_19_traffic_policies() {
+        // (spec lines, eTP=Local, iTP=Local)
+        let cases = [
+            ("", false, false),
+            (
+                "  externalTrafficPolicy: Cluster\n  internalTrafficPolicy: Cluster",
+                false,
+                false,
+            ),
+            ("  externalTrafficPolicy: Local", true, false),
+            ("  internalTrafficPolicy: Local", false, true),
+            (
+                "  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local",
+                true,
+                true,
+            ),
+        ];
+        for (extra, external, internal) in cases {
+            let info = proxied_service(&service_with_spec(&format!("  type: NodePort\n{extra}")));
+            assert_eq!(
+                (info.external_traffic_local, info.internal_traffic_local),
+                (external, internal),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_16_19_unknown_traffic_policy_is_rejected() {
+        let cases = [
+            (
+                "  externalTrafficPolicy: local",
+                "spec.externalTrafficPolicy",
+                "local",
+            ),
+            (
+                "  internalTrafficPolicy: Node",
+                "spec.internalTrafficPolicy",
+                "Node",
+            ),
+        ];
+        for (extra, field, value) in cases {
+            assert_eq!(
+                service(&service_with_spec(extra)),
+                Err(InvalidObject::InvalidValue {
+                    field,
+                    value: value.into(),
+                }),
+                "{extra}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_32_health_check_node_port_only_for_load_balancer_with_local_policy() {
+        let cases: [(&str, Result<Option<u16>, i32>); 5] = [
+            (
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 30500",
+                Ok(Some(30500)),
+            ),
+            (
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local",
+                Ok(None),
+            ),
+            (
+                "  type: LoadBalancer\n  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 30500",
+                Ok(None),
+            ),
+            (
+                "  type: NodePort\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 30500",
+                Ok(None),
+            ),
+            (
+                "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 70000",
+                Err(70000),
+            ),
+        ];
+        for (extra, expected) in cases {
+            let result = service(&service_with_spec(extra)).map(|admission| match admission {
+                Admission::Proxied(info) => info.health_check_node_port,
+                Admission::Ignored(reason) => panic!("ignored: {reason}"),
+            });
+            let expected = expected.map_err(|value| InvalidObject::PortOutOfRange {
+                field: "spec.healthCheckNodePort",
+                value,
+            });
+            assert_eq!(result, expected, "{extra}");
+        }
+    }
+
+    #[test]
+    fn rule_11_node_addresses_internal_then_external_ipv4() {
+        let info = node(&parse(
+            "
+metadata: {name: node1}
+status:
+  addresses:
+  - {type: Hostname, address: node1}
+  - {type: ExternalIP, address: 203.0.113.10}
+  - {type: InternalIP, address: 'fd00::2'}
+  - {type: InternalIP, address: 192.168.0.2}
+  - {type: ExternalIP, address: 192.168.0.2}
+  - {type: InternalIP, address: 10.0.0.2}
+",
+        ))
+        .unwrap();
+        assert_eq!(
+            info.addresses,
+            vec![ip("192.168.0.2"), ip("10.0.0.2"), ip("203.0.113.10")]
+        );
+    }
+
+    #[test]
+    fn rule_11_invalid_node_address_is_rejected() {
+        assert_eq!(
+            node(&parse(
+                "metadata: {name: node1}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.300}]}"
+            )),
+            Err(InvalidObject::InvalidIp {
+                field: "status.addresses[].address",
+                value: "192.168.0.300".into(),
+            })
         );
     }
 }

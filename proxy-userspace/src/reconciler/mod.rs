@@ -6,8 +6,12 @@
 //! 2. affinity-match pairs that are new,
 //! 3. per frontend: changed slots, then the master entry (its count), then
 //!    slots beyond the new count,
-//! 4. frontends that are gone (master first, then their slots),
-//! 5. affinity-match pairs and backends nothing refers to any more.
+//! 4. the ClusterIP wildcard entries of rule 9 (port 0, no slots),
+//! 5. frontends and wildcards that are gone (master first, then slots),
+//! 6. affinity-match pairs and backends nothing refers to any more.
+//!
+//! Each frontend is programmed with its `internal` selection: the socket
+//! level serves the clients on this node.
 //!
 //! It starts from what the pinned maps already hold, so a restarted agent
 //! keeps every id (backend ids, service-port ids) and rewrites nothing that
@@ -15,13 +19,19 @@
 
 mod ids;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, service_flags};
 
 use crate::{
     maps::{Datapath, DatapathError, codec},
-    model::{DesiredState, Frontend, ServicePortName, ServicePortPlan},
+    model::{
+        BackendAddr, DesiredState, FrontendPlan, Protocol, Selection, ServicePortName,
+        ServicePortPlan, WhenEmpty,
+    },
 };
 use ids::IdAllocator;
 
@@ -32,16 +42,22 @@ pub struct SyncReport {
     pub frontends_deleted: usize,
     pub backends_added: usize,
     pub backends_deleted: usize,
+    /// Rule 9 wildcard entries (one per ClusterIP and protocol).
+    pub wildcards_written: usize,
+    pub wildcards_deleted: usize,
     /// Service ports whose update failed; they keep what they had and are
     /// retried on the next sync.
     pub failed: Vec<(ServicePortName, DatapathError)>,
+    /// ClusterIPs whose wildcard entry could not be written; retried on the
+    /// next sync.
+    pub failed_wildcards: Vec<(Ipv4Addr, DatapathError)>,
     /// Deletes that failed; retried on the next sync.
     pub failed_deletes: Vec<DatapathError>,
 }
 
 impl SyncReport {
     pub fn is_complete(&self) -> bool {
-        self.failed.is_empty() && self.failed_deletes.is_empty()
+        self.failed.is_empty() && self.failed_wildcards.is_empty() && self.failed_deletes.is_empty()
     }
 
     /// Nothing was written and nothing failed.
@@ -51,15 +67,44 @@ impl SyncReport {
             && self.frontends_deleted == 0
             && self.backends_added == 0
             && self.backends_deleted == 0
+            && self.wildcards_written == 0
+            && self.wildcards_deleted == 0
     }
 }
 
 /// Entries one service port wants, with ids resolved.
 struct PortEntries<'a> {
     name: &'a ServicePortName,
-    svc_id: u32,
-    backend_ids: Vec<u32>,
     plan: &'a ServicePortPlan,
+    svc_id: u32,
+    /// Every backend some frontend of the port selects, with its id.
+    backend_ids: BTreeMap<BackendAddr, u32>,
+}
+
+impl PortEntries<'_> {
+    /// The backend ids of a selection, in slot order.
+    fn slots(&self, selection: &Selection) -> Vec<u32> {
+        selection
+            .backends
+            .iter()
+            .map(|backend| self.backend_ids[backend])
+            .collect()
+    }
+
+    /// Rule 23: the affinity table is keyed by the service port, shared by
+    /// all its frontends, so the match set is the union of their selections.
+    fn affinity_pairs(&self) -> Vec<AffinityMatchKey> {
+        if self.plan.affinity_timeout.is_none() {
+            return Vec::new();
+        }
+        self.backend_ids
+            .values()
+            .map(|backend_id| AffinityMatchKey {
+                backend_id: *backend_id,
+                svc_id: self.svc_id,
+            })
+            .collect()
+    }
 }
 
 pub struct Reconciler<D: Datapath> {
@@ -83,9 +128,10 @@ impl<D: Datapath> Reconciler<D> {
             backend_ids.restore(*backend, *id);
         }
         let mut svc_ids = IdAllocator::default();
+        // svc_id 0 is "none": the rule 9 wildcards carry it.
         for value in services
             .iter()
-            .filter(|(key, _)| key.slot == 0)
+            .filter(|(key, value)| key.slot == 0 && value.svc_id != 0)
             .map(|(_, v)| v)
         {
             svc_ids.reserve(value.svc_id);
@@ -104,9 +150,12 @@ impl<D: Datapath> Reconciler<D> {
         &self.datapath
     }
 
-    /// Number of frontends (master entries) the maps hold.
+    /// Number of frontends (master entries, not wildcards) the maps hold.
     pub fn frontend_count(&self) -> usize {
-        self.services.keys().filter(|key| key.slot == 0).count()
+        self.services
+            .keys()
+            .filter(|key| key.slot == 0 && !codec::is_cluster_ip_wildcard(key))
+            .count()
     }
 
     /// Makes the maps equal to `desired`.
@@ -119,7 +168,11 @@ impl<D: Datapath> Reconciler<D> {
                 report.failed.push((port.name.clone(), err));
             }
         }
-        let keep = Wanted::of(&entries);
+        let wildcards = cluster_ip_wildcards(desired);
+        for key in &wildcards {
+            self.write_wildcard(*key, &mut report);
+        }
+        let keep = Wanted::of(&entries, wildcards);
         self.delete_unwanted(&keep, &mut report);
         self.backend_ids
             .retain(|id| self.backends.contains_key(&id));
@@ -134,21 +187,25 @@ impl<D: Datapath> Reconciler<D> {
             .ports
             .iter()
             .map(|(name, plan)| {
-                let existing = plan.frontends.iter().find_map(|frontend| {
-                    let master = self.services.get(&codec::service_key(frontend, 0))?;
-                    Some(master.svc_id)
+                let existing = plan.frontends.iter().find_map(|frontend_plan| {
+                    let master_key = codec::service_key(&frontend_plan.frontend, 0);
+                    Some(self.services.get(&master_key)?.svc_id)
                 });
                 let svc_id = self.svc_ids.id_for(name, existing);
                 let backend_ids = plan
-                    .backends
+                    .frontends
                     .iter()
-                    .map(|backend| self.backend_ids.id_for(&codec::backend(backend), None))
+                    .flat_map(|frontend_plan| &frontend_plan.internal.backends)
+                    .map(|backend| {
+                        let id = self.backend_ids.id_for(&codec::backend(backend), None);
+                        (*backend, id)
+                    })
                     .collect();
                 PortEntries {
                     name,
+                    plan,
                     svc_id,
                     backend_ids,
-                    plan,
                 }
             })
             .collect()
@@ -159,7 +216,7 @@ impl<D: Datapath> Reconciler<D> {
         port: &PortEntries<'_>,
         report: &mut SyncReport,
     ) -> Result<(), DatapathError> {
-        for (id, addr) in port.backend_ids.iter().zip(&port.plan.backends) {
+        for (addr, id) in &port.backend_ids {
             let backend = codec::backend(addr);
             if self.backends.get(id) != Some(&backend) {
                 self.datapath.put_backend(*id, backend)?;
@@ -167,51 +224,73 @@ impl<D: Datapath> Reconciler<D> {
                 report.backends_added += 1;
             }
         }
-        if port.plan.affinity_timeout.is_some() {
-            for backend_id in &port.backend_ids {
-                let pair = AffinityMatchKey {
-                    backend_id: *backend_id,
-                    svc_id: port.svc_id,
-                };
-                if !self.affinity_match.contains(&pair) {
-                    self.datapath.put_affinity_match(pair)?;
-                    self.affinity_match.insert(pair);
-                }
+        for pair in port.affinity_pairs() {
+            if !self.affinity_match.contains(&pair) {
+                self.datapath.put_affinity_match(pair)?;
+                self.affinity_match.insert(pair);
             }
         }
-        for frontend in &port.plan.frontends {
-            self.write_frontend(frontend, port, report)?;
+        for frontend_plan in &port.plan.frontends {
+            self.write_frontend(frontend_plan, port, report)?;
         }
         Ok(())
     }
 
     fn write_frontend(
         &mut self,
-        frontend: &Frontend,
+        frontend_plan: &FrontendPlan,
         port: &PortEntries<'_>,
         report: &mut SyncReport,
     ) -> Result<(), DatapathError> {
-        let count = u16::try_from(port.backend_ids.len()).unwrap_or(u16::MAX);
-        let mut changed = false;
-        for (slot, backend_id) in (1..=count).zip(&port.backend_ids) {
-            changed |= self.put_service(
-                codec::service_key(frontend, slot),
-                ServiceValue::slot(*backend_id),
-            )?;
-        }
+        let slots = port.slots(&frontend_plan.internal);
+        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+        let flags = match frontend_plan.internal.when_empty {
+            WhenEmpty::Drop => service_flags::DROP_WHEN_EMPTY,
+            WhenEmpty::Reject => 0,
+        };
         let affinity = port.plan.affinity_timeout.unwrap_or(0);
-        let master = ServiceValue::master(count, 0, port.svc_id, affinity);
-        let master_key = codec::service_key(frontend, 0);
-        let old_count = self.services.get(&master_key).map_or(0, |old| old.count);
-        changed |= self.put_service(master_key, master)?;
-        for slot in count.saturating_add(1)..=old_count {
-            self.delete_service(codec::service_key(frontend, slot))?;
-            changed = true;
-        }
-        if changed {
+        let master = ServiceValue::master(count, flags, port.svc_id, affinity);
+        let master_key = codec::service_key(&frontend_plan.frontend, 0);
+        if self.write_master(master_key, master, &slots)? {
             report.frontends_written += 1;
         }
         Ok(())
+    }
+
+    /// Rule 9: no slots, no service-port id, count 0 (refuse).
+    fn write_wildcard(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        match self.write_master(key, ServiceValue::master(0, 0, 0, 0), &[]) {
+            Ok(true) => report.wildcards_written += 1,
+            Ok(false) => {}
+            Err(err) => report
+                .failed_wildcards
+                .push((codec::addr_from_map(key.addr), err)),
+        }
+    }
+
+    /// Slots first, then the master (its count), then the slots beyond the
+    /// new count: a reader never meets a count that points at a missing
+    /// slot. Returns whether anything was written.
+    fn write_master(
+        &mut self,
+        master_key: ServiceKey,
+        master: ServiceValue,
+        slots: &[u32],
+    ) -> Result<bool, DatapathError> {
+        let mut changed = false;
+        for (slot, backend_id) in (1..=master.count).zip(slots) {
+            changed |= self.put_service(
+                ServiceKey { slot, ..master_key },
+                ServiceValue::slot(*backend_id),
+            )?;
+        }
+        let old_count = self.services.get(&master_key).map_or(0, |old| old.count);
+        changed |= self.put_service(master_key, master)?;
+        for slot in master.count.saturating_add(1)..=old_count {
+            self.delete_service(ServiceKey { slot, ..master_key })?;
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Writes one services entry unless the maps already hold it.
@@ -242,6 +321,7 @@ impl<D: Datapath> Reconciler<D> {
             let deleted =
                 (0..=count).try_for_each(|slot| self.delete_service(ServiceKey { slot, ..master }));
             match deleted {
+                Ok(()) if codec::is_cluster_ip_wildcard(&master) => report.wildcards_deleted += 1,
                 Ok(()) => report.frontends_deleted += 1,
                 Err(err) => report.failed_deletes.push(err),
             }
@@ -298,10 +378,23 @@ impl<D: Datapath> Reconciler<D> {
     }
 }
 
+/// Rule 9: one wildcard per ClusterIP and protocol.
+fn cluster_ip_wildcards(desired: &DesiredState) -> BTreeSet<ServiceKey> {
+    desired
+        .cluster_ips
+        .iter()
+        .flat_map(|addr| {
+            [Protocol::Tcp, Protocol::Udp]
+                .map(|protocol| codec::cluster_ip_wildcard(*addr, protocol))
+        })
+        .collect()
+}
+
 /// What the desired state wants to survive the delete phase. A port whose
 /// update failed keeps its old slots, and through them its backends: the
 /// backend delete only removes ids no slot refers to.
 struct Wanted {
+    /// Frontend masters and wildcards.
     masters: BTreeSet<ServiceKey>,
     affinity_match: BTreeSet<AffinityMatchKey>,
     backend_ids: BTreeSet<u32>,
@@ -309,9 +402,9 @@ struct Wanted {
 }
 
 impl Wanted {
-    fn of(entries: &[PortEntries<'_>]) -> Self {
+    fn of(entries: &[PortEntries<'_>], wildcards: BTreeSet<ServiceKey>) -> Self {
         let mut wanted = Wanted {
-            masters: BTreeSet::new(),
+            masters: wildcards,
             affinity_match: BTreeSet::new(),
             backend_ids: BTreeSet::new(),
             svc_ids: BTreeSet::new(),
@@ -322,17 +415,10 @@ impl Wanted {
                 port.plan
                     .frontends
                     .iter()
-                    .map(|frontend| codec::service_key(frontend, 0)),
+                    .map(|frontend_plan| codec::service_key(&frontend_plan.frontend, 0)),
             );
-            wanted.backend_ids.extend(&port.backend_ids);
-            if port.plan.affinity_timeout.is_some() {
-                wanted
-                    .affinity_match
-                    .extend(port.backend_ids.iter().map(|backend_id| AffinityMatchKey {
-                        backend_id: *backend_id,
-                        svc_id: port.svc_id,
-                    }));
-            }
+            wanted.backend_ids.extend(port.backend_ids.values());
+            wanted.affinity_match.extend(port.affinity_pairs());
         }
         wanted
     }

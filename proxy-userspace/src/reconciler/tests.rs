@@ -3,7 +3,7 @@ use std::net::Ipv4Addr;
 use super::*;
 use crate::{
     maps::memory::{MemoryDatapath, Write},
-    model::{BackendAddr, ObjectKey, Protocol},
+    model::{Frontend, FrontendKind, ObjectKey},
 };
 
 fn port_name(service: &str) -> ServicePortName {
@@ -33,10 +33,39 @@ fn backend(last: u8) -> BackendAddr {
     }
 }
 
+fn node_port_frontend(port: u16) -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::new(192, 168, 0, 2),
+        port,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn selection(backends: &[u8], when_empty: WhenEmpty) -> Selection {
+    Selection {
+        backends: backends.iter().map(|last| backend(*last)).collect(),
+        when_empty,
+    }
+}
+
+fn frontend_plan(frontend: Frontend, kind: FrontendKind, internal: Selection) -> FrontendPlan {
+    FrontendPlan {
+        frontend,
+        kind,
+        internal,
+        external: None,
+        source_ranges: vec![],
+    }
+}
+
+/// One ClusterIP frontend selecting `backends`.
 fn plan(frontend_last: u8, backends: &[u8], affinity: Option<u32>) -> ServicePortPlan {
     ServicePortPlan {
-        frontends: vec![frontend(frontend_last)],
-        backends: backends.iter().map(|last| backend(*last)).collect(),
+        frontends: vec![frontend_plan(
+            frontend(frontend_last),
+            FrontendKind::ClusterIp,
+            selection(backends, WhenEmpty::Reject),
+        )],
         affinity_timeout: affinity,
     }
 }
@@ -47,13 +76,25 @@ fn desired(ports: &[(&str, ServicePortPlan)]) -> DesiredState {
             .iter()
             .map(|(name, plan)| (port_name(name), plan.clone()))
             .collect(),
-        conflicts: vec![],
+        ..DesiredState::default()
     }
+}
+
+fn with_cluster_ips(mut state: DesiredState, lasts: &[u8]) -> DesiredState {
+    state.cluster_ips = lasts
+        .iter()
+        .map(|last| Ipv4Addr::new(10, 96, 0, *last))
+        .collect();
+    state
 }
 
 /// The backends a frontend's slots point at, in slot order.
 fn backends_of(datapath: &MemoryDatapath, frontend_last: u8) -> Option<Vec<BackendAddr>> {
-    let master_key = codec::service_key(&frontend(frontend_last), 0);
+    backends_at(datapath, &frontend(frontend_last))
+}
+
+fn backends_at(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<BackendAddr>> {
+    let master_key = codec::service_key(frontend, 0);
     let master = datapath.services.get(&master_key)?;
     Some(
         (1..=master.count)
@@ -376,4 +417,165 @@ fn service_port_ids_survive_restart_for_affinity() {
         ids_before
     );
     assert!(!ids_before.contains(&svc_id_of(datapath, 30)));
+}
+
+#[test]
+fn rule_18_19_drop_flag_when_only_other_frontends_have_endpoints() {
+    let dropping = ServicePortPlan {
+        frontends: vec![frontend_plan(
+            frontend(10),
+            FrontendKind::ClusterIp,
+            selection(&[], WhenEmpty::Drop),
+        )],
+        affinity_timeout: None,
+    };
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", dropping)]));
+    let master_key = codec::service_key(&frontend(10), 0);
+    let master = reconciler.datapath().services[&master_key];
+    assert_eq!(
+        (master.count, master.flags),
+        (0, service_flags::DROP_WHEN_EMPTY)
+    );
+
+    // Rule 21: with no endpoints anywhere the same frontend refuses.
+    let report = reconciler.sync(&desired(&[("web", plan(10, &[], None))]));
+    assert_eq!(report.frontends_written, 1, "the flag change is a write");
+    let master = reconciler.datapath().services[&master_key];
+    assert_eq!((master.count, master.flags), (0, 0));
+}
+
+#[test]
+fn rule_09_cluster_ip_wildcards_are_written_and_removed() {
+    let state = with_cluster_ips(desired(&[("web", plan(10, &[11], None))]), &[10, 20]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    let report = reconciler.sync(&state);
+    assert_eq!(report.wildcards_written, 4, "TCP and UDP per ClusterIP");
+    assert_eq!(report.frontends_written, 1);
+    let datapath = reconciler.datapath();
+    for last in [10, 20] {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let key = codec::cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, last), protocol);
+            assert_eq!(
+                datapath.services.get(&key),
+                Some(&ServiceValue::master(0, 0, 0, 0)),
+                "{last} {protocol:?}"
+            );
+        }
+    }
+    assert_eq!(datapath.services.len(), 2 + 4, "master, slot, wildcards");
+    assert_eq!(
+        reconciler.frontend_count(),
+        1,
+        "wildcards are not frontends"
+    );
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&with_cluster_ips(
+        desired(&[("web", plan(10, &[11], None))]),
+        &[10],
+    ));
+    assert_eq!(report.wildcards_deleted, 2);
+    assert_eq!(report.frontends_deleted, 0);
+    let datapath = reconciler.datapath();
+    let gone = codec::cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, 20), Protocol::Tcp);
+    assert!(!datapath.services.contains_key(&gone));
+    assert_eq!(datapath.services.len(), 2 + 2);
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn rule_09_wildcards_survive_restart_and_hold_no_service_port_id() {
+    let state = with_cluster_ips(desired(&[("web", plan(10, &[11], Some(60)))]), &[10]);
+    let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
+    first.sync(&state);
+    let before = snapshot(first.datapath());
+
+    let mut restarted = Reconciler::new(snapshot(&before)).unwrap();
+    assert_eq!(restarted.frontend_count(), 1);
+    let report = restarted.sync(&state);
+    assert!(report.is_noop(), "{report:?}");
+    assert!(restarted.datapath().writes.is_empty());
+
+    // A new port after the restart gets a fresh id, never the wildcards' 0.
+    let mut with_new = state.clone();
+    with_new
+        .ports
+        .insert(port_name("aaa"), plan(30, &[12], Some(60)));
+    restarted.sync(&with_new);
+    let svc_id = restarted.datapath().services[&codec::service_key(&frontend(30), 0)].svc_id;
+    assert_ne!(svc_id, 0);
+    assert_ne!(
+        svc_id,
+        restarted.datapath().services[&codec::service_key(&frontend(10), 0)].svc_id
+    );
+}
+
+#[test]
+fn rule_09_wildcard_that_does_not_fit_is_reported_and_retried() {
+    let datapath = MemoryDatapath {
+        services_capacity: Some(3),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    let state = with_cluster_ips(desired(&[("web", plan(10, &[11], None))]), &[10]);
+    let report = reconciler.sync(&state);
+    assert!(report.failed.is_empty());
+    assert_eq!(report.wildcards_written, 1);
+    assert_eq!(report.failed_wildcards.len(), 1);
+    assert_eq!(report.failed_wildcards[0].0, Ipv4Addr::new(10, 96, 0, 10));
+    assert!(!report.is_complete());
+
+    let mut datapath = snapshot(reconciler.datapath());
+    datapath.services_capacity = None;
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    let report = reconciler.sync(&state);
+    assert!(report.is_complete());
+    assert_eq!(report.wildcards_written, 1);
+}
+
+#[test]
+fn rule_19_frontends_of_one_port_program_their_own_sets() {
+    // iTP=Local: the ClusterIP selects the local endpoint only, while the
+    // NodePort's internal selection is the cluster set (rules 18, 19).
+    let state = desired(&[(
+        "web",
+        ServicePortPlan {
+            frontends: vec![
+                frontend_plan(
+                    frontend(10),
+                    FrontendKind::ClusterIp,
+                    selection(&[11], WhenEmpty::Reject),
+                ),
+                frontend_plan(
+                    node_port_frontend(30080),
+                    FrontendKind::NodePort,
+                    selection(&[11, 12], WhenEmpty::Reject),
+                ),
+            ],
+            affinity_timeout: Some(60),
+        },
+    )]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    assert!(reconciler.sync(&state).is_complete());
+    let datapath = reconciler.datapath();
+    assert_eq!(backends_of(datapath, 10), Some(vec![backend(11)]));
+    assert_eq!(
+        backends_at(datapath, &node_port_frontend(30080)),
+        Some(vec![backend(11), backend(12)])
+    );
+    assert_eq!(datapath.backends.len(), 2, "one id per backend");
+    let svc_ids: BTreeSet<u32> = [frontend(10), node_port_frontend(30080)]
+        .iter()
+        .map(|f| datapath.services[&codec::service_key(f, 0)].svc_id)
+        .collect();
+    assert_eq!(svc_ids.len(), 1, "one service-port id for all frontends");
+    assert_eq!(
+        datapath.affinity_match.len(),
+        2,
+        "affinity matches the union of the selections"
+    );
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
 }

@@ -12,7 +12,7 @@ use std::{
     collections::BTreeMap,
     fmt, fs,
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
@@ -21,7 +21,9 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde::Deserialize;
+use tokio::sync::watch;
 
+use super::SourceStatus;
 use crate::model::{
     ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
     objects::{self, Admission, IgnoreReason},
@@ -58,6 +60,21 @@ pub enum Severity {
     Ignored,
     /// Rejected; the last good version (if any) stays in force.
     Invalid,
+}
+
+impl ManifestProblem {
+    /// The object kind for the invalid-objects counter ("File" when the
+    /// file itself could not be read or parsed).
+    pub fn kind(&self) -> &'static str {
+        match self.object.as_ref().map(|object| object.kind.as_str()) {
+            Some("Service") => "Service",
+            Some("EndpointSlice") => "EndpointSlice",
+            Some("Endpoints") => "Endpoints",
+            Some("Node") => "Node",
+            Some(_) => "Other",
+            None => "File",
+        }
+    }
 }
 
 impl fmt::Display for ManifestProblem {
@@ -130,8 +147,36 @@ impl ManifestsSource {
         }
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Polls forever: logs what each poll found and publishes changed
+    /// snapshots. An unreadable directory keeps the last state published.
+    pub async fn run(
+        mut self,
+        snapshots: watch::Sender<Option<ClusterSnapshot>>,
+        status: SourceStatus,
+        interval: Duration,
+    ) {
+        loop {
+            match self.poll() {
+                Ok(poll) => {
+                    status.ok();
+                    for problem in &poll.problems {
+                        let file = problem.file.display();
+                        match problem.severity {
+                            Severity::Invalid => {
+                                status.count_invalid(problem.kind());
+                                tracing::warn!(%file, "{problem}")
+                            }
+                            Severity::Ignored => tracing::info!(%file, "{problem}"),
+                        }
+                    }
+                    if let Some(snapshot) = poll.snapshot {
+                        snapshots.send_replace(Some(snapshot));
+                    }
+                }
+                Err(err) => status.failing(format!("{err:#}")),
+            }
+            tokio::time::sleep(interval).await;
+        }
     }
 
     /// Rescans the directory. The first call always yields a snapshot (the

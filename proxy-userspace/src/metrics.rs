@@ -1,0 +1,301 @@
+//! `/metrics` (rule 34): kube-proxy's sync metrics under their kube-proxy
+//! names, so existing dashboards and alerts keep working, plus the
+//! datapath's own counters and map fill levels, read from the pinned maps
+//! at scrape time.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use proxy_common::{
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter as DatapathCounter, ServiceKey,
+    ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+};
+
+use crate::{http::Response, maps::open_pinned, source::SourceStatus};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficPolicyLabel {
+    pub traffic_policy: &'static str,
+}
+
+/// The agent's metrics. Cheap to clone; every clone updates the same values.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+    sync_duration: Histogram,
+    network_programming_duration: Histogram,
+    last_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
+    endpoint_changes: Counter,
+    service_changes: Counter,
+    no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(bpffs: PathBuf, source: SourceStatus) -> Self {
+        let seconds = || Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let metrics = Self {
+            registry: Arc::default(),
+            sync_duration: seconds(),
+            network_programming_duration: seconds(),
+            last_sync: Gauge::default(),
+            endpoint_changes: Counter::default(),
+            service_changes: Counter::default(),
+            no_local_endpoints: Family::default(),
+        };
+        {
+            let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
+            registry.register(
+                "kubeproxy_sync_proxy_rules_duration_seconds",
+                "How long one sync of the datapath maps took",
+                metrics.sync_duration.clone(),
+            );
+            registry.register(
+                "kubeproxy_network_programming_duration_seconds",
+                "From a change reaching the agent to the datapath having it",
+                metrics.network_programming_duration.clone(),
+            );
+            registry.register(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "When the datapath last became equal to the desired state (unix seconds)",
+                metrics.last_sync.clone(),
+            );
+            // The registry appends _total to counters.
+            registry.register(
+                "kubeproxy_sync_proxy_rules_endpoint_changes",
+                "EndpointSlices added, changed or removed",
+                metrics.endpoint_changes.clone(),
+            );
+            registry.register(
+                "kubeproxy_sync_proxy_rules_service_changes",
+                "Services added, changed or removed",
+                metrics.service_changes.clone(),
+            );
+            registry.register(
+                "kubeproxy_sync_proxy_rules_no_local_endpoints",
+                "Frontends with a Local traffic policy and no local endpoint",
+                metrics.no_local_endpoints.clone(),
+            );
+            registry.register_collector(Box::new(DatapathCollector { bpffs }));
+            registry.register_collector(Box::new(SourceCollector { source }));
+        }
+        metrics
+    }
+
+    pub fn observe_sync(&self, took: Duration) {
+        self.sync_duration.observe(took.as_secs_f64());
+    }
+
+    /// The datapath now equals the desired state; `waited` is how long the
+    /// change it carries had waited since it reached the agent.
+    pub fn observe_programmed(&self, waited: Duration) {
+        self.network_programming_duration
+            .observe(waited.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+    }
+
+    pub fn count_changes(&self, services: u64, endpoint_slices: u64) {
+        self.service_changes.inc_by(services);
+        self.endpoint_changes.inc_by(endpoint_slices);
+    }
+
+    pub fn set_no_local_endpoints(&self, internal: i64, external: i64) {
+        for (policy, value) in [("internal", internal), ("external", external)] {
+            self.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabel {
+                    traffic_policy: policy,
+                })
+                .set(value);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        encode(
+            &mut out,
+            &self.registry.lock().unwrap_or_else(|p| p.into_inner()),
+        )?;
+        Ok(out)
+    }
+
+    pub fn respond(&self, path: &str) -> Response {
+        if path != "/metrics" {
+            return Response::not_found();
+        }
+        match self.render() {
+            Ok(body) => Response {
+                status: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                headers: Vec::new(),
+                body,
+            },
+            Err(_) => Response::json(503, "{\"error\":\"encoding metrics failed\"}".into()),
+        }
+    }
+}
+
+/// Reads the pinned maps on each scrape: nothing to keep in sync, and the
+/// numbers are the kernel's, also while another agent writes the maps.
+#[derive(Debug)]
+struct DatapathCollector {
+    bpffs: PathBuf,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
+impl DatapathCollector {
+    fn counters(&self) -> Option<Vec<(&'static str, u64)>> {
+        let data = open_pinned(&self.bpffs, map_names::COUNTERS).ok()?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).ok()?;
+        DatapathCounter::ALL
+            .iter()
+            .map(|counter| {
+                let per_cpu = map.get(&(*counter as u32), 0).ok()?;
+                Some((counter.name(), per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Entries and capacity of each map; counting walks the keys, which for
+    /// the largest map (262k socket rev-NAT entries) stays in milliseconds.
+    fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
+        [
+            self.fill::<ServiceKey, ServiceValue>(map_names::SERVICES, Map::HashMap),
+            self.fill::<u32, Backend>(map_names::BACKENDS, Map::HashMap),
+            self.fill::<AffinityKey, AffinityValue>(map_names::AFFINITY, Map::LruHashMap),
+            self.fill::<AffinityMatchKey, u8>(map_names::AFFINITY_MATCH, Map::HashMap),
+            self.fill::<SockRevNatKey, SockRevNatValue>(map_names::SOCK_REV_NAT, Map::LruHashMap),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    fn fill<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        kind: fn(MapData) -> Map,
+    ) -> Option<(&'static str, u64, u64)> {
+        let data = open_pinned(&self.bpffs, name).ok()?;
+        let max_entries = data.info().ok()?.max_entries();
+        let map: HashMap<MapData, K, V> = HashMap::try_from(kind(data)).ok()?;
+        let entries = map.keys().filter(Result::is_ok).count() as u64;
+        Some((name, entries, u64::from(max_entries)))
+    }
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(counters) = self.counters() {
+            let mut family = encoder.encode_descriptor(
+                "ebpf_proxy_datapath_events",
+                "Datapath events (translated, rejected, dropped, ...), summed over CPUs",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (event, value) in counters {
+                ConstCounter::new(value).encode(family.encode_family(&EventLabel { event })?)?;
+            }
+        }
+        let levels = self.fill_levels();
+        let mut entries = encoder.encode_descriptor(
+            "ebpf_proxy_map_entries",
+            "Entries in each datapath map",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, count, _) in &levels {
+            ConstGauge::new(*count as i64).encode(entries.encode_family(&MapLabel { map })?)?;
+        }
+        let mut capacity = encoder.encode_descriptor(
+            "ebpf_proxy_map_capacity",
+            "Maximum entries of each datapath map",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (map, _, max) in &levels {
+            ConstGauge::new(*max as i64).encode(capacity.encode_family(&MapLabel { map })?)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the source rejected, counted per kind.
+#[derive(Debug)]
+struct SourceCollector {
+    source: SourceStatus,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+impl Collector for SourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "ebpf_proxy_invalid_objects",
+            "Invalid objects (versions) rejected by the source; each kept its last good version",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (kind, count) in self.source.invalid_counts() {
+            ConstCounter::new(count).encode(family.encode_family(&KindLabel { kind })?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_34_kube_proxy_metric_names_are_exposed() {
+        let source = SourceStatus::default();
+        source.count_invalid("Service");
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"), source);
+        metrics.observe_sync(Duration::from_millis(3));
+        metrics.observe_programmed(Duration::from_millis(5));
+        metrics.count_changes(2, 3);
+        metrics.set_no_local_endpoints(1, 0);
+        let text = metrics.render().unwrap();
+        for name in [
+            "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
+            "kubeproxy_network_programming_duration_seconds_count 1",
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "kubeproxy_sync_proxy_rules_endpoint_changes_total 3",
+            "kubeproxy_sync_proxy_rules_service_changes_total 2",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\"} 1",
+            "ebpf_proxy_invalid_objects_total{kind=\"Service\"} 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The Kubernetes source: watches Services and EndpointSlices with
+//! kube-proxy's label selector (rule 1) and this node's Node object, through
+//! kube-runtime watchers (list, then watch; relist on 410 Gone or a broken
+//! connection; retries with backoff).
+//!
+//! Objects are validated as they arrive and kept only in validated form.
+//! A (re)list is collected aside and swapped in whole at its end, so a
+//! relist is a full resync that also removes what vanished, and nothing is
+//! published before both initial lists are complete (rule 3). An object
+//! that fails validation keeps its last good version and is reported once
+//! per resourceVersion.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use futures::{FutureExt, Stream, StreamExt, stream};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use tokio::sync::watch;
+
+use super::SourceStatus;
+use crate::model::{
+    ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
+    objects::{self, Admission, InvalidObject},
+};
+
+/// kube-proxy's selector, for Services and EndpointSlices alike (rule 1).
+pub const PROXY_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What the agent asks of the API server: the ClusterRole in `deploy/`
+/// grants exactly this (a test checks it).
+pub const API_ACCESS: [ApiAccess; 3] = [
+    ApiAccess {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["list", "watch"],
+    },
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiAccess {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// One watch event, of any of the three kinds (boxed: objects are large
+/// and differ in size).
+enum Update {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
+}
+
+pub struct KubeSource {
+    client: Client,
+    node_name: String,
+    services: Store<ServiceInfo>,
+    slices: Store<SliceInfo>,
+    nodes: Store<NodeInfo>,
+}
+
+impl KubeSource {
+    pub fn new(client: Client, node_name: impl Into<String>) -> Self {
+        Self {
+            client,
+            node_name: node_name.into(),
+            services: Store::new("Service"),
+            slices: Store::new("EndpointSlice"),
+            nodes: Store::new("Node"),
+        }
+    }
+
+    fn updates(&self) -> impl Stream<Item = Result<Update, watcher::Error>> + use<> {
+        let selected = || watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
+        let services = watcher(Api::<Service>::all(self.client.clone()), selected())
+            .default_backoff()
+            .map(|event| event.map(|event| Update::Service(Box::new(event))));
+        let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), selected())
+            .default_backoff()
+            .map(|event| event.map(|event| Update::Slice(Box::new(event))));
+        let node_config =
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name));
+        let nodes = watcher(Api::<Node>::all(self.client.clone()), node_config)
+            .default_backoff()
+            .map(|event| event.map(|event| Update::Node(Box::new(event))));
+        stream::select(services, stream::select(slices, nodes))
+    }
+
+    /// Watches forever. Publishes a snapshot once every initial list is in,
+    /// then after each batch of changes; reports watch failures (which the
+    /// watchers retry) through `status`.
+    pub async fn run(
+        mut self,
+        snapshots: watch::Sender<Option<ClusterSnapshot>>,
+        status: SourceStatus,
+    ) {
+        let mut updates = std::pin::pin!(self.updates());
+        while let Some(first) = updates.next().await {
+            let mut changed = self.handle(first, &status);
+            // Apply everything already waiting before publishing: one
+            // snapshot per burst, not per object.
+            while let Some(Some(next)) = updates.next().now_or_never() {
+                changed |= self.handle(next, &status);
+            }
+            if changed && self.is_listed() {
+                snapshots.send_replace(Some(self.snapshot()));
+            }
+        }
+    }
+
+    fn is_listed(&self) -> bool {
+        self.services.listed && self.slices.listed && self.nodes.listed
+    }
+
+    /// Applies one event; true when the published state may have changed.
+    fn handle(&mut self, update: Result<Update, watcher::Error>, status: &SourceStatus) -> bool {
+        match update {
+            Ok(Update::Service(event)) => {
+                status.ok();
+                self.services
+                    .handle(*event, status, |svc| objects::service(svc).map(admitted))
+            }
+            Ok(Update::Slice(event)) => {
+                status.ok();
+                self.slices.handle(*event, status, |slice| {
+                    objects::endpoint_slice(slice).map(admitted)
+                })
+            }
+            Ok(Update::Node(event)) => {
+                status.ok();
+                self.nodes
+                    .handle(*event, status, |node| objects::node(node).map(Some))
+            }
+            Err(err) => {
+                status.failing(format!("watch failed (retrying with backoff): {err}"));
+                false
+            }
+        }
+    }
+
+    fn snapshot(&self) -> ClusterSnapshot {
+        ClusterSnapshot {
+            node_name: self.node_name.clone(),
+            node: self
+                .nodes
+                .live
+                .values()
+                .find(|node| node.name == self.node_name)
+                .cloned(),
+            services: self.services.live.clone(),
+            slices: self.slices.live.clone(),
+            ..ClusterSnapshot::default()
+        }
+    }
+}
+
+fn admitted<T>(admission: Admission<T>) -> Option<T> {
+    match admission {
+        Admission::Proxied(object) => Some(object),
+        Admission::Ignored(reason) => {
+            tracing::debug!(%reason, "object not proxied");
+            None
+        }
+    }
+}
+
+/// Validated objects of one kind, as the API server last listed and
+/// watched them.
+struct Store<T> {
+    kind: &'static str,
+    live: BTreeMap<ObjectKey, T>,
+    /// A list in progress; swapped in whole when it completes.
+    listing: Option<BTreeMap<ObjectKey, T>>,
+    listed: bool,
+    /// Invalid versions already reported, so each is logged once.
+    reported: BTreeSet<(ObjectKey, String)>,
+}
+
+impl<T: Clone> Store<T> {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            live: BTreeMap::new(),
+            listing: None,
+            listed: false,
+            reported: BTreeSet::new(),
+        }
+    }
+
+    fn handle<K: Resource>(
+        &mut self,
+        event: watcher::Event<K>,
+        status: &SourceStatus,
+        validate: impl Fn(&K) -> Result<Option<T>, InvalidObject>,
+    ) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) | watcher::Event::Apply(object) => {
+                self.apply(&object, validate(&object), status);
+                self.listing.is_none()
+            }
+            watcher::Event::Delete(object) => {
+                let key = object_key(&object);
+                self.reported.retain(|(reported, _)| *reported != key);
+                self.live.remove(&key).is_some()
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.listing.take() {
+                    self.live = listed;
+                }
+                self.reported.retain(|(key, _)| self.live.contains_key(key));
+                self.listed = true;
+                true
+            }
+        }
+    }
+
+    fn apply<K: Resource>(
+        &mut self,
+        object: &K,
+        outcome: Result<Option<T>, InvalidObject>,
+        status: &SourceStatus,
+    ) {
+        let key = object_key(object);
+        let entry = match outcome {
+            Ok(valid) => {
+                self.reported.retain(|(reported, _)| *reported != key);
+                valid
+            }
+            Err(reason) => {
+                let version = object.meta().resource_version.clone().unwrap_or_default();
+                let last_good = self.live.get(&key).cloned();
+                if self.reported.insert((key.clone(), version.clone())) {
+                    status.count_invalid(self.kind);
+                    tracing::warn!(
+                        kind = self.kind,
+                        object = %key,
+                        resource_version = %version,
+                        %reason,
+                        kept_last_good = last_good.is_some(),
+                        "invalid object skipped"
+                    );
+                }
+                last_good
+            }
+        };
+        let target = self.listing.as_mut().unwrap_or(&mut self.live);
+        match entry {
+            Some(entry) => target.insert(key, entry),
+            None => target.remove(&key),
+        };
+    }
+}
+
+fn object_key<K: Resource>(object: &K) -> ObjectKey {
+    ObjectKey {
+        // As the model keys objects; Nodes are cluster-scoped and keyed by name.
+        namespace: object.namespace().unwrap_or_else(|| "default".into()),
+        name: object.name_any(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::json;
+    use tower_test::mock;
+
+    use super::*;
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+    type Responder = mock::SendResponse<Response<Body>>;
+
+    fn list(kind: &str, api_version: &str, items: serde_json::Value) -> Response<Body> {
+        let body = json!({
+            "kind": kind,
+            "apiVersion": api_version,
+            "metadata": {"resourceVersion": "1"},
+            "items": items,
+        });
+        Response::new(Body::from(body.to_string().into_bytes()))
+    }
+
+    fn query(request: &Request<Body>) -> BTreeMap<String, String> {
+        let query = request.uri().query().unwrap_or("");
+        form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect()
+    }
+
+    /// The three initial LISTs, by path, in whatever order the watchers
+    /// sent them.
+    async fn initial_lists(
+        handle: &mut Handle,
+    ) -> BTreeMap<String, (BTreeMap<String, String>, Responder)> {
+        let mut lists = BTreeMap::new();
+        while lists.len() < 3 {
+            let (request, respond) = handle.next_request().await.expect("a request");
+            assert_eq!(request.method(), http::Method::GET);
+            let query = query(&request);
+            assert!(
+                !query.contains_key("watch"),
+                "a list comes first: {query:?}"
+            );
+            lists.insert(request.uri().path().to_string(), (query, respond));
+        }
+        lists
+    }
+
+    fn service() -> serde_json::Value {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "demo", "resourceVersion": "1"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80}]},
+        })
+    }
+
+    #[tokio::test]
+    async fn rules_01_03_selectors_and_nothing_published_before_every_list() {
+        let (service_mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service_mock, "default");
+        let (snapshots, mut published) = watch::channel(None);
+        let source =
+            tokio::spawn(KubeSource::new(client, "node-1").run(snapshots, SourceStatus::default()));
+
+        let mut lists = initial_lists(&mut handle).await;
+        let (services_query, services) = lists.remove("/api/v1/services").expect("services listed");
+        let (slices_query, slices) = lists
+            .remove("/apis/discovery.k8s.io/v1/endpointslices")
+            .expect("endpointslices listed");
+        let (nodes_query, nodes) = lists.remove("/api/v1/nodes").expect("nodes listed");
+        assert_eq!(services_query["labelSelector"], PROXY_LABEL_SELECTOR);
+        assert_eq!(slices_query["labelSelector"], PROXY_LABEL_SELECTOR);
+        assert_eq!(nodes_query["fieldSelector"], "metadata.name=node-1");
+        assert!(!nodes_query.contains_key("labelSelector"));
+
+        services.send_response(list("ServiceList", "v1", json!([service()])));
+        nodes.send_response(list("NodeList", "v1", json!([])));
+        // Their watches start and stay open (unanswered); the slices list is still out.
+        let mut open_watches = Vec::new();
+        for _ in 0..2 {
+            let (request, respond) = handle.next_request().await.expect("a watch");
+            assert_eq!(
+                query(&request).get("watch").map(String::as_str),
+                Some("true")
+            );
+            open_watches.push(respond);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            published.borrow().is_none(),
+            "rule 3: nothing before the EndpointSlice list"
+        );
+
+        slices.send_response(list("EndpointSliceList", "discovery.k8s.io/v1", json!([])));
+        tokio::time::timeout(Duration::from_secs(5), published.changed())
+            .await
+            .expect("published after the last list")
+            .unwrap();
+        let snapshot = published.borrow().clone().expect("a snapshot");
+        assert_eq!(snapshot.services.len(), 1);
+        assert_eq!(snapshot.node_name, "node-1");
+        source.abort();
+        drop(open_watches);
+    }
+}
