@@ -100,7 +100,11 @@ pub struct ServiceValue {
     /// [`service_flags::DROP_WHEN_EMPTY`] is set (rules 18, 19, 28).
     pub count: u16,
     /// Master: [`service_flags`] bits.
-    pub flags: u16,
+    pub flags: u8,
+    /// Master: which of its service port's backend sets this frontend
+    /// selects (frontends of one port differ under a Local traffic policy).
+    /// Affinity is shared by the frontends with the same selection.
+    pub selection: u8,
     /// Master: id of the service port, shared by all of its frontends;
     /// the affinity tables are keyed by it (rule 23).
     pub svc_id: u32,
@@ -110,11 +114,18 @@ pub struct ServiceValue {
 
 impl ServiceValue {
     #[inline(always)]
-    pub const fn master(count: u16, flags: u16, svc_id: u32, affinity_timeout: u32) -> Self {
+    pub const fn master(
+        count: u16,
+        flags: u8,
+        selection: u8,
+        svc_id: u32,
+        affinity_timeout: u32,
+    ) -> Self {
         Self {
             backend_id: 0,
             count,
             flags,
+            selection,
             svc_id,
             affinity_timeout,
         }
@@ -126,6 +137,7 @@ impl ServiceValue {
             backend_id,
             count: 0,
             flags: 0,
+            selection: 0,
             svc_id: 0,
             affinity_timeout: 0,
         }
@@ -139,7 +151,7 @@ pub mod service_flags {
     /// traffic policy with no local endpoint). At socket level a drop
     /// cannot make `connect()` wait, so it fails with EHOSTUNREACH (what a
     /// dropped path reports), never the ECONNREFUSED of rule 21.
-    pub const DROP_WHEN_EMPTY: u16 = 1 << 0;
+    pub const DROP_WHEN_EMPTY: u8 = 1 << 0;
 }
 
 /// Value of `lb4_backends`, keyed by backend id (`u32`, never 0).
@@ -174,7 +186,8 @@ impl Backend {
 pub struct AffinityKey {
     pub client: u64,
     pub svc_id: u32,
-    pub _pad0: u32,
+    /// [`ServiceValue::selection`] of the frontend used.
+    pub selection: u32,
 }
 
 /// Value of `lb4_affinity`.
@@ -187,14 +200,16 @@ pub struct AffinityValue {
     pub last_used: u32,
 }
 
-/// Key of `lb_aff_match`: present when `backend_id` is in the selected set
-/// of `svc_id`. An affinity entry is honoured only while its pair is here,
-/// so affinity never points outside the current set (rule 23).
+/// Key of `lb_aff_match`: present when `backend_id` is in selection
+/// `selection` of `svc_id`. An affinity entry is honoured only while its
+/// pair is here, so affinity never points outside the set the frontend
+/// currently selects (rule 23).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct AffinityMatchKey {
     pub backend_id: u32,
     pub svc_id: u32,
+    pub selection: u32,
 }
 
 /// Key of `lb4_sock_rnat`: a translated socket and the backend it was sent

@@ -137,7 +137,8 @@ fn refuse_inconsistent() -> i32 {
 }
 
 /// The backend for a new flow: the client's affinity entry while it is fresh
-/// and still points into the selected set (rule 23), otherwise a uniform pick.
+/// and still points into the set this frontend selects (rule 23), otherwise
+/// a uniform pick.
 #[inline(always)]
 fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &ServiceValue) -> Option<u32> {
     if master.affinity_timeout == 0 {
@@ -147,7 +148,7 @@ fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &Servi
     let affinity_key = AffinityKey {
         client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         svc_id: master.svc_id,
-        _pad0: 0,
+        selection: master.selection as u32,
     };
     let mut backend_id = 0;
     if let Some(entry) = AFFINITY.get_ptr(affinity_key) {
@@ -157,6 +158,7 @@ fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &Servi
             .get_ptr(AffinityMatchKey {
                 backend_id: entry.backend_id,
                 svc_id: master.svc_id,
+                selection: master.selection as u32,
             })
             .is_some();
         if fresh && selected {

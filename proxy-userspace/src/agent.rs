@@ -161,7 +161,8 @@ impl SyncLoop {
     /// changed, and plans the datapath (health-check servers follow at once).
     async fn plan(&mut self, mut snapshot: ClusterSnapshot) -> DesiredState {
         self.health.change_pending();
-        self.health.node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
+        self.health
+            .node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
         self.waiting_since.get_or_insert_with(Instant::now);
         let (services, slices) = changes(&self.last_snapshot, &snapshot);
         self.metrics.count_changes(services, slices);

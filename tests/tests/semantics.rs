@@ -319,3 +319,50 @@ fn scenario_09_health_check_node_port() {
     }
     assert_eq!(backend_of(&node, &format!("{LB_IP}:80")), "backend-1");
 }
+
+#[test]
+fn rules_19_23_affinity_never_crosses_into_a_frontends_other_set() {
+    let affinity = "  internalTrafficPolicy: Local\n  sessionAffinity: ClientIP\n";
+    // Only the remote endpoint is ready: the NodePort (cluster set) sends
+    // this client to it, and remembers that.
+    let node = started(
+        "eptg",
+        &load_balancer(affinity),
+        &endpoints(&[
+            (BACKENDS[0], "node-1", "ready: false"),
+            (BACKENDS[1], "node-2", "ready: true"),
+        ]),
+    );
+    assert_eq!(
+        backend_of(&node, &format!("{NODE_IP}:{NODE_PORT}")),
+        "backend-2"
+    );
+
+    // A local endpoint becomes ready: the ClusterIP (iTP=Local) must use it,
+    // whatever the client's affinity says for the NodePort.
+    node.write(
+        "slice.yaml",
+        &endpoints(&[
+            (BACKENDS[0], "node-1", "ready: true"),
+            (BACKENDS[1], "node-2", "ready: true"),
+        ]),
+    );
+    node.wait_for("the local endpoint", |rows| {
+        rows.iter().any(|row| {
+            row["frontend"]["addr"] == VIP && row["backends"].as_array().unwrap().len() == 1
+        })
+    });
+    let counts = spread(&node.tcp(&format!("{VIP}:80"), 10));
+    assert_eq!(
+        counts.keys().collect::<Vec<_>>(),
+        vec!["backend-1"],
+        "{counts:?}"
+    );
+    // The NodePort keeps its own affinity.
+    assert_eq!(
+        spread(&node.tcp(&format!("{NODE_IP}:{NODE_PORT}"), 10))
+            .keys()
+            .collect::<Vec<_>>(),
+        vec!["backend-2"]
+    );
+}

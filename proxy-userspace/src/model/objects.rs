@@ -1423,9 +1423,14 @@ subsets:
 
     #[test]
     fn rule_33_node_being_deleted_is_flagged() {
-        let deleting = parse::<Node>("metadata: {name: node1, deletionTimestamp: '2026-11-22T04:00:00Z'}");
+        let deleting =
+            parse::<Node>("metadata: {name: node1, deletionTimestamp: '2026-11-22T04:00:00Z'}");
         assert!(node(&deleting).unwrap().deleting);
-        assert!(!node(&parse::<Node>("metadata: {name: node1}")).unwrap().deleting);
+        assert!(
+            !node(&parse::<Node>("metadata: {name: node1}"))
+                .unwrap()
+                .deleting
+        );
     }
 
     #[test]

@@ -91,19 +91,44 @@ impl PortEntries<'_> {
             .collect()
     }
 
-    /// Rule 23: the affinity table is keyed by the service port, shared by
-    /// all its frontends, so the match set is the union of their selections.
+    /// The distinct backend sets the port's frontends select, in frontend
+    /// order; a frontend's selection is its set's index. Frontends share
+    /// affinity exactly when they share a set (rules 19, 23).
+    fn selections(&self) -> Vec<&[BackendAddr]> {
+        let mut selections: Vec<&[BackendAddr]> = Vec::new();
+        for frontend in &self.plan.frontends {
+            let backends = frontend.internal.backends.as_slice();
+            if !selections.contains(&backends) {
+                selections.push(backends);
+            }
+        }
+        selections
+    }
+
+    fn selection_of(&self, selection: &Selection) -> u8 {
+        let index = self
+            .selections()
+            .iter()
+            .position(|backends| *backends == selection.backends.as_slice())
+            .unwrap_or(0);
+        u8::try_from(index).unwrap_or(u8::MAX)
+    }
+
+    /// Rule 23: every (backend, selection) the port's frontends select.
     fn affinity_pairs(&self) -> Vec<AffinityMatchKey> {
         if self.plan.affinity_timeout.is_none() {
             return Vec::new();
         }
-        self.backend_ids
-            .values()
-            .map(|backend_id| AffinityMatchKey {
-                backend_id: *backend_id,
+        let mut pairs = Vec::new();
+        for (index, backends) in self.selections().into_iter().enumerate() {
+            let selection = u32::try_from(index).unwrap_or(u32::MAX);
+            pairs.extend(backends.iter().map(|backend| AffinityMatchKey {
+                backend_id: self.backend_ids[backend],
                 svc_id: self.svc_id,
-            })
-            .collect()
+                selection,
+            }));
+        }
+        pairs
     }
 }
 
@@ -249,7 +274,8 @@ impl<D: Datapath> Reconciler<D> {
             WhenEmpty::Reject => 0,
         };
         let affinity = port.plan.affinity_timeout.unwrap_or(0);
-        let master = ServiceValue::master(count, flags, port.svc_id, affinity);
+        let selection = port.selection_of(&frontend_plan.internal);
+        let master = ServiceValue::master(count, flags, selection, port.svc_id, affinity);
         let master_key = codec::service_key(&frontend_plan.frontend, 0);
         if self.write_master(master_key, master, &slots)? {
             report.frontends_written += 1;
@@ -259,7 +285,7 @@ impl<D: Datapath> Reconciler<D> {
 
     /// Rule 9: no slots, no service-port id, count 0 (refuse).
     fn write_wildcard(&mut self, key: ServiceKey, report: &mut SyncReport) {
-        match self.write_master(key, ServiceValue::master(0, 0, 0, 0), &[]) {
+        match self.write_master(key, ServiceValue::master(0, 0, 0, 0, 0), &[]) {
             Ok(true) => report.wildcards_written += 1,
             Ok(false) => {}
             Err(err) => report

@@ -324,7 +324,8 @@ fn rule_23_affinity_match_follows_the_selected_set() {
         pairs,
         vec![AffinityMatchKey {
             backend_id: remaining_id,
-            svc_id: master.svc_id
+            svc_id: master.svc_id,
+            selection: 0,
         }]
     );
 
@@ -458,7 +459,7 @@ fn rule_09_cluster_ip_wildcards_are_written_and_removed() {
             let key = codec::cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, last), protocol);
             assert_eq!(
                 datapath.services.get(&key),
-                Some(&ServiceValue::master(0, 0, 0, 0)),
+                Some(&ServiceValue::master(0, 0, 0, 0, 0)),
                 "{last} {protocol:?}"
             );
         }
@@ -572,10 +573,29 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
         .map(|f| datapath.services[&codec::service_key(f, 0)].svc_id)
         .collect();
     assert_eq!(svc_ids.len(), 1, "one service-port id for all frontends");
-    assert_eq!(
-        datapath.affinity_match.len(),
-        2,
-        "affinity matches the union of the selections"
-    );
+    // Rules 19, 23: the frontends select different sets, so their affinity
+    // is kept apart: a NodePort choice never leaks into the ClusterIP.
+    let selection_of = |f: &Frontend| datapath.services[&codec::service_key(f, 0)].selection;
+    assert_eq!(selection_of(&frontend(10)), 0);
+    assert_eq!(selection_of(&node_port_frontend(30080)), 1);
+    let id = |last: u8| {
+        *datapath
+            .backends
+            .iter()
+            .find(|(_, b)| codec::backend_addr(b) == Some(backend(last)))
+            .unwrap()
+            .0
+    };
+    let svc_id = *svc_ids.iter().next().unwrap();
+    let pairs: BTreeSet<AffinityMatchKey> = datapath.affinity_match.iter().copied().collect();
+    let expected: BTreeSet<AffinityMatchKey> = [(11, 0), (11, 1), (12, 1)]
+        .into_iter()
+        .map(|(last, selection)| AffinityMatchKey {
+            backend_id: id(last),
+            svc_id,
+            selection,
+        })
+        .collect();
+    assert_eq!(pairs, expected);
     assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
 }
