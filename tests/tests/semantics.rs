@@ -366,3 +366,75 @@ fn rules_19_23_affinity_never_crosses_into_a_frontends_other_set() {
         vec!["backend-2"]
     );
 }
+
+#[test]
+fn rule_20_hairpin_backend_reaches_itself_through_its_service() {
+    let node = started(
+        "epth",
+        &load_balancer(""),
+        &endpoints(&[(BACKENDS[0], "node-1", "ready: true")]),
+    );
+    // The backend's own process (bound to its address) connects to its
+    // Service. Translated at connect(), the connection never leaves the pod:
+    // no hairpin NAT is involved, so the backend sees its own address.
+    let result = &node.client(&["tcp", "--to", &format!("{VIP}:80"), "--bind", BACKENDS[0]])[0];
+    let (name, source) = reply_parts(result);
+    assert_eq!(name, "backend-1");
+    assert_eq!(source, BACKENDS[0]);
+    assert_eq!(result["peer"], format!("{VIP}:80"));
+}
+
+#[test]
+fn rule_22_refusal_applies_to_new_flows_only() {
+    use std::io::{Read, Write};
+    let node = started(
+        "epti",
+        &load_balancer(""),
+        &endpoints(&[(BACKENDS[0], "node-1", "ready: true")]),
+    );
+    let mut held = proxy_tests::ChildGuard::spawn(
+        host(&node.netns, Some(&node.cgroup))
+            .args([
+                "tcp",
+                "--to",
+                &format!("{VIP}:80"),
+                "--bind",
+                CLIENT,
+                "--stdin",
+                "--timeout-ms",
+                "10000",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped()),
+    )
+    .unwrap();
+    let mut stdin = held.child_mut().stdin.take().unwrap();
+    writeln!(stdin, "before").unwrap();
+
+    // No usable endpoint any more: new connections are refused...
+    node.write(
+        "slice.yaml",
+        &endpoints(&[(BACKENDS[0], "node-1", "ready: false, serving: false")]),
+    );
+    node.wait_for("no backends", |rows| {
+        rows.iter()
+            .all(|row| row["backends"].as_array().unwrap().is_empty())
+    });
+    assert_eq!(errno_of(&node, &format!("{VIP}:80")), ECONNREFUSED);
+    // ...and the established one is left alone.
+    writeln!(stdin, "after").unwrap();
+    drop(stdin);
+    let mut out = String::new();
+    held.child_mut()
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let echoes: Vec<&str> = out
+        .lines()
+        .filter(|line| line.contains("\"echo\""))
+        .collect();
+    assert_eq!(echoes.len(), 2, "{out}");
+    assert!(echoes[1].contains("after"), "{out}");
+}

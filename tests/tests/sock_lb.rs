@@ -247,7 +247,7 @@ fn rule_23_affinity_expires_after_its_timeout() {
 }
 
 #[test]
-fn tcp_connection_survives_endpoint_removal() {
+fn rule_29_tcp_connection_survives_endpoint_removal() {
     let mut node = TestNode::new("epsh");
     node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
