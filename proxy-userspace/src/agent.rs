@@ -183,6 +183,8 @@ impl SyncLoop {
         let started = Instant::now();
         let report = reconciler.sync(desired);
         self.metrics.observe_sync(started.elapsed());
+        self.metrics
+            .set_over_capacity(report.over_capacity.len() as i64);
         log_report(&report, desired.ports.len());
         if !report.is_complete() {
             return false;
@@ -285,6 +287,9 @@ fn plan(snapshot: &ClusterSnapshot) -> DesiredState {
 fn log_report(report: &SyncReport, service_ports: usize) {
     for (port, err) in &report.failed {
         tracing::error!(service_port = %port, error = %err, "programming failed; keeps its previous state, retrying");
+    }
+    for (port, over) in &report.over_capacity {
+        tracing::error!(service_port = %port, reason = %over, "service port too large for the maps; not programmed");
     }
     for (cluster_ip, err) in &report.failed_wildcards {
         tracing::error!(%cluster_ip, error = %err, "refusing undefined ports failed; retrying");

@@ -159,16 +159,16 @@ mod tests {
         let source = SourceStatus::default();
         let health = Health::new(Duration::ZERO, source.clone());
         health.synced();
-        source.failing("watch failed: connection refused".into());
+        source.failing("services", "watch failed: connection refused".into());
         std::thread::sleep(Duration::from_millis(5));
         let status = health.status(Probe::Healthz);
         assert!(!status.healthy);
         let body: serde_json::Value = serde_json::from_str(&status.body).unwrap();
         assert_eq!(
             body["sourceError"]["reason"],
-            "watch failed: connection refused"
+            "services: watch failed: connection refused"
         );
-        source.ok();
+        source.ok("services");
         assert!(health.status(Probe::Healthz).healthy);
     }
 

@@ -43,6 +43,7 @@ pub struct Metrics {
     endpoint_changes: Counter,
     service_changes: Counter,
     no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
+    over_capacity: Gauge,
 }
 
 impl Metrics {
@@ -56,6 +57,7 @@ impl Metrics {
             endpoint_changes: Counter::default(),
             service_changes: Counter::default(),
             no_local_endpoints: Family::default(),
+            over_capacity: Gauge::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -89,6 +91,11 @@ impl Metrics {
                 "kubeproxy_sync_proxy_rules_no_local_endpoints",
                 "Frontends with a Local traffic policy and no local endpoint",
                 metrics.no_local_endpoints.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_service_ports_over_capacity",
+                "Service ports not programmed because the maps have no room for them",
+                metrics.over_capacity.clone(),
             );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
@@ -124,6 +131,10 @@ impl Metrics {
                 })
                 .set(value);
         }
+    }
+
+    pub fn set_over_capacity(&self, ports: i64) {
+        self.over_capacity.set(ports);
     }
 
     /// The Prometheus text exposition.

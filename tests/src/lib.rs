@@ -21,6 +21,8 @@
 //! Naming: [`unique_name`] gives `<prefix>-<pid>-<n>`; [`remove_leftovers`]
 //! removes whatever a dead process of that prefix left behind.
 
+pub mod apiserver;
+
 use anyhow::{Context, Result, anyhow, bail};
 use std::{
     fs::{self, File},
@@ -544,14 +546,35 @@ impl Agent {
         bpffs: &Path,
         node_name: &str,
     ) -> Result<Agent> {
+        let manifests = manifests.to_string_lossy();
+        Agent::start_with_args(
+            netns,
+            &["--manifests", manifests.as_ref()],
+            cgroup,
+            bpffs,
+            node_name,
+        )
+    }
+
+    /// Like [`Agent::start`], with `extra_args` instead of `--manifests`
+    /// (e.g. `--kubeconfig PATH`, `--health-timeout 2s`). Proxy variables
+    /// are removed from its environment: it talks to test namespaces only.
+    pub fn start_with_args(
+        netns: &Netns,
+        extra_args: &[&str],
+        cgroup: &Path,
+        bpffs: &Path,
+        node_name: &str,
+    ) -> Result<Agent> {
         let n = AGENT_LOGS.fetch_add(1, Ordering::Relaxed);
         let log_path = std::env::temp_dir().join(format!("{}-agent{n}.log", netns.name()));
         let log =
             File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
         let mut cmd = Command::new(agent_bin());
         cmd.arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
+            .args(extra_args)
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
             .arg("--hostname-override")
             .arg(node_name)
             .arg("--cgroup")

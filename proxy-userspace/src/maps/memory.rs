@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::MapError;
 use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names};
 
-use super::{Datapath, DatapathError, codec};
+use super::{Capacity, Datapath, DatapathError, codec};
 
 /// One write, as the datapath saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,8 +25,11 @@ pub struct MemoryDatapath {
     pub backends: BTreeMap<u32, Backend>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
     pub writes: Vec<Write>,
-    /// When set, inserting a new services key beyond this many fails.
+    /// When set, inserting a new services key beyond this many fails (a
+    /// map the reconciler believed had room refuses the write).
     pub services_capacity: Option<usize>,
+    /// What the reconciler is told the maps hold at most.
+    pub capacity: Option<Capacity>,
 }
 
 impl MemoryDatapath {
@@ -69,6 +72,10 @@ fn full() -> DatapathError {
 }
 
 impl Datapath for MemoryDatapath {
+    fn capacity(&self) -> Capacity {
+        self.capacity.unwrap_or(Capacity::PINNED)
+    }
+
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }

@@ -10,7 +10,7 @@ pub mod memory;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names};
+use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, map_sizes};
 
 /// A failed map operation, with the map and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +26,27 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
     move |source| DatapathError { map, op, source }
 }
 
+/// How many entries each map the reconciler writes can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: usize,
+    pub backends: usize,
+    pub affinity_match: usize,
+}
+
+impl Capacity {
+    /// The sizes the eBPF object declares.
+    pub const PINNED: Capacity = Capacity {
+        services: map_sizes::SERVICES as usize,
+        backends: map_sizes::BACKENDS as usize,
+        affinity_match: map_sizes::AFFINITY_MATCH as usize,
+    };
+}
+
 /// The writable state of the datapath: frontends with their slots,
 /// backends, and the affinity match set. The reconciler is its only writer.
 pub trait Datapath {
+    fn capacity(&self) -> Capacity;
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError>;
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DatapathError>;
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, DatapathError>;
@@ -96,6 +114,10 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 }
 
 impl Datapath for PinnedMaps {
+    fn capacity(&self) -> Capacity {
+        Capacity::PINNED
+    }
+
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError> {
         entries(&self.services, map_names::SERVICES)
     }

@@ -229,6 +229,13 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Admission<SliceInfo>, Inv
         .ok_or(InvalidObject::MissingField(
             "metadata.labels[kubernetes.io/service-name]",
         ))?;
+    // The API server never stores more; a slice beyond its limits is hostile.
+    check_limit("endpoints", slice.endpoints.len(), MAX_SLICE_ENDPOINTS)?;
+    check_limit(
+        "ports",
+        slice.ports.as_ref().map_or(0, Vec::len),
+        MAX_SLICE_PORTS,
+    )?;
     let ports = slice_ports(
         slice
             .ports
@@ -283,6 +290,20 @@ pub fn node(node: &Node) -> Result<NodeInfo, InvalidObject> {
         addresses: node_addresses(node.status.as_ref())?,
         deleting: node.metadata.deletion_timestamp.is_some(),
     })
+}
+
+/// The API server's validation limits of an EndpointSlice.
+const MAX_SLICE_ENDPOINTS: usize = 1000;
+const MAX_SLICE_PORTS: usize = 100;
+
+fn check_limit(field: &'static str, len: usize, max: usize) -> Result<(), InvalidObject> {
+    if len > max {
+        return Err(InvalidObject::InvalidValue {
+            field,
+            value: format!("{len} entries, more than the API server allows ({max})"),
+        });
+    }
+    Ok(())
 }
 
 const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
@@ -1419,6 +1440,35 @@ subsets:
                 "{yaml}"
             );
         }
+    }
+
+    #[test]
+    fn slice_beyond_the_api_servers_limits_is_rejected() {
+        let endpoints: Vec<String> = (0..1001)
+            .map(|i| format!("{{addresses: [10.0.{}.{}]}}", i / 250, i % 250 + 1))
+            .collect();
+        let big = parse::<EndpointSlice>(&format!(
+            "metadata: {{name: s, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{}]",
+            endpoints.join(", ")
+        ));
+        assert!(matches!(
+            endpoint_slice(&big),
+            Err(InvalidObject::InvalidValue {
+                field: "endpoints",
+                ..
+            })
+        ));
+        let ports: Vec<String> = (1..=101)
+            .map(|p| format!("{{name: p{p}, port: {p}}}"))
+            .collect();
+        let many_ports = parse::<EndpointSlice>(&format!(
+            "metadata: {{name: s, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{}]",
+            ports.join(", ")
+        ));
+        assert!(matches!(
+            endpoint_slice(&many_ports),
+            Err(InvalidObject::InvalidValue { field: "ports", .. })
+        ));
     }
 
     #[test]

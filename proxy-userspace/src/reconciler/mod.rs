@@ -24,7 +24,7 @@ use std::{
     net::Ipv4Addr,
 };
 
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, service_flags};
+use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, service_flags};
 
 use crate::{
     maps::{Datapath, DatapathError, codec},
@@ -53,9 +53,24 @@ pub struct SyncReport {
     pub failed_wildcards: Vec<(Ipv4Addr, DatapathError)>,
     /// Deletes that failed; retried on the next sync.
     pub failed_deletes: Vec<DatapathError>,
+    /// Service ports too large for the room left in the maps: nothing of
+    /// them was written (what they had stays). Not retried until the next
+    /// change: retrying cannot make room.
+    pub over_capacity: Vec<(ServicePortName, OverCapacity)>,
+}
+
+/// A service port needs more entries of `map` than are free.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("needs {needed} more entries in map {map}, {free} free")]
+pub struct OverCapacity {
+    pub map: &'static str,
+    pub needed: usize,
+    pub free: usize,
 }
 
 impl SyncReport {
+    /// Everything that can be programmed is; transient failures are
+    /// retried until this holds.
     pub fn is_complete(&self) -> bool {
         self.failed.is_empty() && self.failed_wildcards.is_empty() && self.failed_deletes.is_empty()
     }
@@ -63,6 +78,7 @@ impl SyncReport {
     /// Nothing was written and nothing failed.
     pub fn is_noop(&self) -> bool {
         self.is_complete()
+            && self.over_capacity.is_empty()
             && self.frontends_written == 0
             && self.frontends_deleted == 0
             && self.backends_added == 0
@@ -189,7 +205,9 @@ impl<D: Datapath> Reconciler<D> {
         let entries = self.resolve_ids(desired);
 
         for port in &entries {
-            if let Err(err) = self.write_port(port, &mut report) {
+            if let Err(over) = self.fits(port) {
+                report.over_capacity.push((port.name.clone(), over));
+            } else if let Err(err) = self.write_port(port, &mut report) {
                 report.failed.push((port.name.clone(), err));
             }
         }
@@ -234,6 +252,69 @@ impl<D: Datapath> Reconciler<D> {
                 }
             })
             .collect()
+    }
+
+    /// Whether everything `port` adds fits next to what the maps hold,
+    /// checked before its first write: a port too large for the maps is
+    /// refused whole and cannot crowd out the others.
+    fn fits(&self, port: &PortEntries<'_>) -> Result<(), OverCapacity> {
+        let capacity = self.datapath.capacity();
+        let new_backends = port
+            .backend_ids
+            .values()
+            .filter(|id| !self.backends.contains_key(id))
+            .count();
+        let mut new_services = 0;
+        for frontend_plan in &port.plan.frontends {
+            let backends = frontend_plan.internal.backends.len();
+            if backends > usize::from(u16::MAX) {
+                return Err(OverCapacity {
+                    map: map_names::SERVICES,
+                    needed: backends,
+                    free: usize::from(u16::MAX),
+                });
+            }
+            let master = codec::service_key(&frontend_plan.frontend, 0);
+            new_services += (0..=backends as u16)
+                .filter(|slot| {
+                    !self.services.contains_key(&ServiceKey {
+                        slot: *slot,
+                        ..master
+                    })
+                })
+                .count();
+        }
+        let new_pairs = port
+            .affinity_pairs()
+            .iter()
+            .filter(|pair| !self.affinity_match.contains(pair))
+            .count();
+        for (map, needed, held, max) in [
+            (
+                map_names::BACKENDS,
+                new_backends,
+                self.backends.len(),
+                capacity.backends,
+            ),
+            (
+                map_names::SERVICES,
+                new_services,
+                self.services.len(),
+                capacity.services,
+            ),
+            (
+                map_names::AFFINITY_MATCH,
+                new_pairs,
+                self.affinity_match.len(),
+                capacity.affinity_match,
+            ),
+        ] {
+            let free = max.saturating_sub(held);
+            if needed > free {
+                return Err(OverCapacity { map, needed, free });
+            }
+        }
+        Ok(())
     }
 
     fn write_port(

@@ -1,6 +1,7 @@
 use std::net::Ipv4Addr;
 
 use super::*;
+use crate::maps::Capacity;
 use crate::{
     maps::memory::{MemoryDatapath, Write},
     model::{Frontend, FrontendKind, ObjectKey},
@@ -598,4 +599,65 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
         .collect();
     assert_eq!(pairs, expected);
     assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+}
+
+#[test]
+fn port_too_large_for_the_maps_is_refused_whole_and_others_are_programmed() {
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 100,
+            backends: 4,
+            affinity_match: 100,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    // "big" sorts first and alone needs more backends than the map holds.
+    let state = desired(&[
+        ("big", plan(20, &[21, 22, 23, 24, 25], None)),
+        ("web", plan(10, &[11, 12], None)),
+    ]);
+    let report = reconciler.sync(&state);
+    assert!(
+        report.is_complete(),
+        "over capacity is not a transient failure: {report:?}"
+    );
+    assert_eq!(report.over_capacity.len(), 1);
+    assert_eq!(report.over_capacity[0].0, port_name("big"));
+    assert_eq!(
+        report.over_capacity[0].1,
+        OverCapacity {
+            map: proxy_common::map_names::BACKENDS,
+            needed: 5,
+            free: 4
+        }
+    );
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        backends_of(datapath, 20),
+        None,
+        "nothing of the big port was written"
+    );
+    assert_eq!(
+        backends_of(datapath, 10),
+        Some(vec![backend(11), backend(12)])
+    );
+    assert_eq!(datapath.backends.len(), 2, "no orphaned backends");
+
+    // Room again (web shrinks): the big port still does not fit (5 > 4 - 1)...
+    let report = reconciler.sync(&desired(&[
+        ("big", plan(20, &[21, 22, 23, 24, 25], None)),
+        ("web", plan(10, &[11], None)),
+    ]));
+    assert_eq!(report.over_capacity.len(), 1);
+    // ...but once it shrinks it is programmed.
+    let report = reconciler.sync(&desired(&[
+        ("big", plan(20, &[21, 22, 23], None)),
+        ("web", plan(10, &[11], None)),
+    ]));
+    assert!(report.over_capacity.is_empty(), "{report:?}");
+    assert_eq!(
+        backends_of(reconciler.datapath(), 20).map(|b| b.len()),
+        Some(3)
+    );
 }

@@ -19,6 +19,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::ListParams,
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::sync::watch;
@@ -28,6 +29,9 @@ use crate::model::{
     ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
     objects::{self, Admission, InvalidObject},
 };
+
+/// How often a failing watch's resource is probed for recovery.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// kube-proxy's selector, for Services and EndpointSlices alike (rule 1).
 pub const PROXY_LABEL_SELECTOR: &str =
@@ -60,12 +64,12 @@ pub struct ApiAccess {
     pub verbs: &'static [&'static str],
 }
 
-/// One watch event, of any of the three kinds (boxed: objects are large
-/// and differ in size).
+/// One watch event or failure, of any of the three watches (boxed:
+/// objects are large and differ in size).
 enum Update {
-    Service(Box<watcher::Event<Service>>),
-    Slice(Box<watcher::Event<EndpointSlice>>),
-    Node(Box<watcher::Event<Node>>),
+    Service(Result<Box<watcher::Event<Service>>, watcher::Error>),
+    Slice(Result<Box<watcher::Event<EndpointSlice>>, watcher::Error>),
+    Node(Result<Box<watcher::Event<Node>>, watcher::Error>),
 }
 
 pub struct KubeSource {
@@ -81,25 +85,25 @@ impl KubeSource {
         Self {
             client,
             node_name: node_name.into(),
-            services: Store::new("Service"),
-            slices: Store::new("EndpointSlice"),
-            nodes: Store::new("Node"),
+            services: Store::new("Service", "services"),
+            slices: Store::new("EndpointSlice", "endpointslices"),
+            nodes: Store::new("Node", "nodes"),
         }
     }
 
-    fn updates(&self) -> impl Stream<Item = Result<Update, watcher::Error>> + use<> {
+    fn updates(&self) -> impl Stream<Item = Update> + use<> {
         let selected = || watcher::Config::default().labels(PROXY_LABEL_SELECTOR);
         let services = watcher(Api::<Service>::all(self.client.clone()), selected())
             .default_backoff()
-            .map(|event| event.map(|event| Update::Service(Box::new(event))));
+            .map(|event| Update::Service(event.map(Box::new)));
         let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), selected())
             .default_backoff()
-            .map(|event| event.map(|event| Update::Slice(Box::new(event))));
+            .map(|event| Update::Slice(event.map(Box::new)));
         let node_config =
             watcher::Config::default().fields(&format!("metadata.name={}", self.node_name));
         let nodes = watcher(Api::<Node>::all(self.client.clone()), node_config)
             .default_backoff()
-            .map(|event| event.map(|event| Update::Node(Box::new(event))));
+            .map(|event| Update::Node(event.map(Box::new)));
         stream::select(services, stream::select(slices, nodes))
     }
 
@@ -112,7 +116,18 @@ impl KubeSource {
         status: SourceStatus,
     ) {
         let mut updates = std::pin::pin!(self.updates());
-        while let Some(first) = updates.next().await {
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        loop {
+            let first = tokio::select! {
+                update = updates.next() => match update {
+                    Some(update) => update,
+                    None => return,
+                },
+                _ = probe.tick() => {
+                    self.probe_failing(&status).await;
+                    continue;
+                }
+            };
             let mut changed = self.handle(first, &status);
             // Apply everything already waiting before publishing: one
             // snapshot per burst, not per object.
@@ -125,33 +140,54 @@ impl KubeSource {
         }
     }
 
+    /// A watch that reconnects after a failure emits nothing until an
+    /// object changes (bookmarks are not events), so recovery is confirmed
+    /// by a one-item list of the failing resource, with its selector.
+    async fn probe_failing(&self, status: &SourceStatus) {
+        for part in status.failing_parts() {
+            let selected = ListParams::default().labels(PROXY_LABEL_SELECTOR).limit(1);
+            let probe = match part {
+                "services" => Api::<Service>::all(self.client.clone())
+                    .list_metadata(&selected)
+                    .await
+                    .map(drop),
+                "endpointslices" => Api::<EndpointSlice>::all(self.client.clone())
+                    .list_metadata(&selected)
+                    .await
+                    .map(drop),
+                "nodes" => {
+                    let own = ListParams::default()
+                        .fields(&format!("metadata.name={}", self.node_name))
+                        .limit(1);
+                    Api::<Node>::all(self.client.clone())
+                        .list_metadata(&own)
+                        .await
+                        .map(drop)
+                }
+                _ => continue,
+            };
+            if probe.is_ok() {
+                status.ok(part);
+            }
+        }
+    }
+
     fn is_listed(&self) -> bool {
         self.services.listed && self.slices.listed && self.nodes.listed
     }
 
     /// Applies one event; true when the published state may have changed.
-    fn handle(&mut self, update: Result<Update, watcher::Error>, status: &SourceStatus) -> bool {
+    fn handle(&mut self, update: Update, status: &SourceStatus) -> bool {
         match update {
-            Ok(Update::Service(event)) => {
-                status.ok();
-                self.services
-                    .handle(*event, status, |svc| objects::service(svc).map(admitted))
-            }
-            Ok(Update::Slice(event)) => {
-                status.ok();
-                self.slices.handle(*event, status, |slice| {
-                    objects::endpoint_slice(slice).map(admitted)
-                })
-            }
-            Ok(Update::Node(event)) => {
-                status.ok();
-                self.nodes
-                    .handle(*event, status, |node| objects::node(node).map(Some))
-            }
-            Err(err) => {
-                status.failing(format!("watch failed (retrying with backoff): {err}"));
-                false
-            }
+            Update::Service(event) => self
+                .services
+                .handle(event, status, |svc| objects::service(svc).map(admitted)),
+            Update::Slice(event) => self.slices.handle(event, status, |slice| {
+                objects::endpoint_slice(slice).map(admitted)
+            }),
+            Update::Node(event) => self
+                .nodes
+                .handle(event, status, |node| objects::node(node).map(Some)),
         }
     }
 
@@ -185,6 +221,8 @@ fn admitted<T>(admission: Admission<T>) -> Option<T> {
 /// watched them.
 struct Store<T> {
     kind: &'static str,
+    /// The API resource, naming this watch in health reports.
+    resource: &'static str,
     live: BTreeMap<ObjectKey, T>,
     /// A list in progress; swapped in whole when it completes.
     listing: Option<BTreeMap<ObjectKey, T>>,
@@ -194,9 +232,10 @@ struct Store<T> {
 }
 
 impl<T: Clone> Store<T> {
-    fn new(kind: &'static str) -> Self {
+    fn new(kind: &'static str, resource: &'static str) -> Self {
         Self {
             kind,
+            resource,
             live: BTreeMap::new(),
             listing: None,
             listed: false,
@@ -204,12 +243,27 @@ impl<T: Clone> Store<T> {
         }
     }
 
+    /// Applies one event of this kind's watch, or records its failure
+    /// (the watcher retries with backoff).
     fn handle<K: Resource>(
         &mut self,
-        event: watcher::Event<K>,
+        event: Result<Box<watcher::Event<K>>, watcher::Error>,
         status: &SourceStatus,
         validate: impl Fn(&K) -> Result<Option<T>, InvalidObject>,
     ) -> bool {
+        let event = match event {
+            Ok(event) => {
+                status.ok(self.resource);
+                *event
+            }
+            Err(err) => {
+                status.failing(
+                    self.resource,
+                    format!("watch failed, retrying with backoff: {err}"),
+                );
+                return false;
+            }
+        };
         match event {
             watcher::Event::Init => {
                 self.listing = Some(BTreeMap::new());

@@ -158,7 +158,7 @@ impl ManifestsSource {
         loop {
             match self.poll() {
                 Ok(poll) => {
-                    status.ok();
+                    status.ok("manifests");
                     for problem in &poll.problems {
                         let file = problem.file.display();
                         match problem.severity {
@@ -173,7 +173,7 @@ impl ManifestsSource {
                         snapshots.send_replace(Some(snapshot));
                     }
                 }
-                Err(err) => status.failing(format!("{err:#}")),
+                Err(err) => status.failing("manifests", format!("{err:#}")),
             }
             tokio::time::sleep(interval).await;
         }

@@ -12,12 +12,13 @@ use std::{
     time::Instant,
 };
 
-/// Whether a source currently reaches its origin, and how many invalid
-/// objects it rejected: shared between the source (writer) and the health
-/// and metrics endpoints (readers).
+/// Whether each part of a source (the manifests directory; each watch)
+/// currently reaches its origin, and how many invalid objects it rejected:
+/// shared between the source (writer) and the health and metrics endpoints
+/// (readers). One failing part is enough for the source to be failing.
 #[derive(Clone, Debug, Default)]
 pub struct SourceStatus {
-    failing: Arc<Mutex<Option<Failure>>>,
+    failing: Arc<Mutex<BTreeMap<&'static str, Failure>>>,
     invalid: Arc<Mutex<BTreeMap<&'static str, u64>>>,
 }
 
@@ -29,38 +30,47 @@ pub struct Failure {
 }
 
 impl SourceStatus {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failure>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, Failure>> {
         self.failing
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn ok(&self) {
-        if let Some(failure) = self.lock().take() {
-            tracing::info!(
-                down_for = ?failure.since.elapsed(),
-                "source reachable again"
-            );
+    /// `part` just read its origin successfully.
+    pub fn ok(&self, part: &'static str) {
+        if let Some(failure) = self.lock().remove(part) {
+            tracing::info!(part, down_for = ?failure.since.elapsed(), "source reachable again");
         }
     }
 
-    /// Logs the first failure of a streak; later ones only update the reason.
-    pub fn failing(&self, reason: String) {
+    /// `part` failed. Logs the first failure of a streak; later ones only
+    /// update the reason.
+    pub fn failing(&self, part: &'static str, reason: String) {
         let mut failing = self.lock();
-        match failing.as_mut() {
+        match failing.get_mut(part) {
             Some(failure) => failure.reason = reason,
             None => {
-                tracing::warn!(%reason, "source failing; the datapath keeps its last state");
-                *failing = Some(Failure {
-                    since: Instant::now(),
-                    reason,
-                });
+                tracing::warn!(part, %reason, "source failing; the datapath keeps its last state");
+                let since = Instant::now();
+                failing.insert(part, Failure { since, reason });
             }
         }
     }
 
+    /// The parts failing now.
+    pub fn failing_parts(&self) -> Vec<&'static str> {
+        self.lock().keys().copied().collect()
+    }
+
+    /// The longest-running failure of any part, naming the part.
     pub fn failure(&self) -> Option<Failure> {
-        self.lock().clone()
+        self.lock()
+            .iter()
+            .min_by_key(|(_, failure)| failure.since)
+            .map(|(part, failure)| Failure {
+                since: failure.since,
+                reason: format!("{part}: {}", failure.reason),
+            })
     }
 
     /// One more invalid object (version) of `kind` was rejected.
@@ -79,5 +89,21 @@ impl SourceStatus {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_failing_part_is_not_cleared_by_another_parts_success() {
+        let status = SourceStatus::default();
+        status.failing("endpointslices", "500 Internal Server Error".into());
+        status.ok("services");
+        let failure = status.failure().expect("still failing");
+        assert_eq!(failure.reason, "endpointslices: 500 Internal Server Error");
+        status.ok("endpointslices");
+        assert_eq!(status.failure(), None);
     }
 }

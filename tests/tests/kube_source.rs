@@ -1,0 +1,1223 @@
+//! The Kubernetes source, black box: the real agent binary with
+//! `--kubeconfig`, against the API server double (`proxy_tests::apiserver`)
+//! running inside the test's own network namespace, and the real programs
+//! attached to a child cgroup (DESIGN.md, testing layer 5).
+//!
+//! Layout of every test (as in sock_lb.rs): one network namespace with the
+//! client address 10.244.0.2 and backends 10.244.0.11-13 on `lo`, the API
+//! server double on 127.0.0.1 in the same namespace, clients in that
+//! namespace AND the test's cgroup. The namespace has no route to the
+//! service CIDR, so an untranslated connect fails with ENETUNREACH and
+//! nothing ever leaves it. Rule numbers refer to SERVICE-SEMANTICS.md.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use proxy_tests::{
+    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, agent_bin,
+    apiserver::{ApiServer, Kind, Request, start_agent_with_kubeconfig},
+    host, json_lines, start_server,
+};
+use serde_json::{Value, json};
+
+const CLIENT: &str = "10.244.0.2";
+const BACKENDS: [&str; 3] = ["10.244.0.11", "10.244.0.12", "10.244.0.13"];
+const VIP: &str = "10.96.0.10";
+const NODE: &str = "node-1";
+const ECONNREFUSED: i64 = 111;
+const ENETUNREACH: i64 = 101;
+/// Rule 1: kube-proxy's selector on Services and EndpointSlices.
+const PROXY_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// Generous: the watchers retry with exponential backoff (0.8 s, 1.6 s,
+/// 3.2 s ... plus jitter).
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// One test's world. Fields drop in order: agent, API server double,
+/// servers, files, pins (detaches the programs), cgroup (kills clients),
+/// namespace.
+struct World {
+    agent: Option<Agent>,
+    api: ApiServer,
+    _servers: Vec<ChildGuard>,
+    files: TempDir,
+    pins: PinDir,
+    cgroup: Cgroup,
+    netns: Netns,
+}
+
+impl World {
+    fn new(prefix: &str) -> World {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "Kubernetes source tests need root"
+        );
+        let netns = Netns::new(prefix).unwrap();
+        for addr in std::iter::once(CLIENT).chain(BACKENDS) {
+            netns
+                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+                .unwrap();
+        }
+        let servers = BACKENDS
+            .iter()
+            .enumerate()
+            .map(|(i, addr)| {
+                let name = format!("backend-{}", i + 1);
+                let listeners: Vec<String> = [
+                    ("--tcp", 8080),
+                    ("--tcp", 8443),
+                    ("--udp", 5353),
+                    ("--udp", 8080),
+                ]
+                .iter()
+                .flat_map(|(kind, port)| [kind.to_string(), format!("{addr}:{port}")])
+                .collect();
+                let mut args = vec!["--name", &name];
+                args.extend(listeners.iter().map(String::as_str));
+                start_server(&netns, &args).unwrap()
+            })
+            .collect();
+        World {
+            agent: None,
+            api: ApiServer::start(&netns).unwrap(),
+            _servers: servers,
+            files: TempDir::new(prefix).unwrap(),
+            pins: PinDir::new(prefix).unwrap(),
+            cgroup: Cgroup::new(prefix).unwrap(),
+            netns,
+        }
+    }
+
+    /// Starts the agent on the double; does not wait for it.
+    fn spawn_agent(&mut self, extra_args: &[&str]) {
+        let kubeconfig = self.api.kubeconfig(self.files.path()).unwrap();
+        let agent = start_agent_with_kubeconfig(
+            &self.netns,
+            &kubeconfig,
+            self.cgroup.path(),
+            self.pins.path(),
+            NODE,
+            extra_args,
+        )
+        .unwrap();
+        self.agent = Some(agent);
+    }
+
+    /// Starts the agent on the double and waits for /healthz 200.
+    fn start_agent(&mut self, extra_args: &[&str]) {
+        self.spawn_agent(extra_args);
+        self.agent().wait_healthy(&self.netns, CONVERGE).unwrap();
+    }
+
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    fn agent_mut(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
+    }
+
+    /// A client inside the namespace and the cgroup.
+    fn client(&self, args: &[&str]) -> Vec<Value> {
+        json_lines(host(&self.netns, Some(&self.cgroup)).args(args)).unwrap()
+    }
+
+    fn tcp(&self, to: &str, count: u32) -> Vec<Value> {
+        self.client(&[
+            "tcp",
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+            "--bind",
+            CLIENT,
+        ])
+    }
+
+    fn udp(&self, to: &str, count: u32) -> Vec<Value> {
+        self.client(&[
+            "udp",
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+            "--bind",
+            CLIENT,
+        ])
+    }
+
+    /// `ebpf-proxy services --output json`, read from the pins.
+    fn services(&self) -> Vec<Value> {
+        services(&self.pins)
+    }
+
+    /// Waits until the datapath holds what `ready` accepts.
+    fn wait_for(&self, what: &str, ready: impl Fn(&[Value]) -> bool) {
+        let start = Instant::now();
+        loop {
+            // Before the agent has pinned its maps there is nothing to read.
+            let services = try_services(&self.pins);
+            if services.as_deref().is_some_and(&ready) {
+                return;
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "timed out waiting for {what}; datapath: {services:#?}\nagent log:\n{}",
+                self.agent().log_tail(40)
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `/healthz`: (HTTP status, body), status 0 when nothing answered.
+    fn healthz(&self) -> (i64, Value) {
+        let out = host(&self.netns, None)
+            .args([
+                "http-get",
+                "127.0.0.1:10256/healthz",
+                "--timeout-ms",
+                "1000",
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        let line: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let body = line["body"]
+            .as_str()
+            .and_then(|body| serde_json::from_str(body).ok())
+            .unwrap_or(Value::Null);
+        (line["status"].as_i64().unwrap_or(0), body)
+    }
+
+    fn wait_healthz(&self, what: &str, ready: impl Fn(i64, &Value) -> bool) -> (i64, Value) {
+        let start = Instant::now();
+        loop {
+            let (status, body) = self.healthz();
+            if ready(status, &body) {
+                return (status, body);
+            }
+            assert!(
+                start.elapsed() < CONVERGE,
+                "timed out waiting for /healthz {what}; last: {status} {body}\nagent log:\n{}",
+                self.agent().log_tail(40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn assert_agent_runs(&mut self) {
+        let status = self.agent_mut().try_wait().unwrap();
+        assert!(
+            status.is_none(),
+            "agent exited ({status:?}):\n{}",
+            self.agent().log_tail(40)
+        );
+    }
+}
+
+/// `None` while the maps are not (all) pinned yet.
+fn try_services(pins: &PinDir) -> Option<Vec<Value>> {
+    let out = Command::new(agent_bin())
+        .args(["services", "--output", "json", "--bpffs"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    out.status.success().then(|| {
+        serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    })
+}
+
+fn services(pins: &PinDir) -> Vec<Value> {
+    let out = Command::new(agent_bin())
+        .args(["services", "--output", "json", "--bpffs"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// The datapath without ids (they depend on history): per frontend its
+/// affinity and the sorted backend addresses.
+fn without_ids(rows: &[Value]) -> Vec<Value> {
+    let mut normalized: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            let mut backends: Vec<String> = row["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["backend"].to_string())
+                .collect();
+            backends.sort();
+            json!({"frontend": row["frontend"], "affinity_timeout": row["affinity_timeout"], "backends": backends})
+        })
+        .collect();
+    normalized.sort_by_key(|row| row["frontend"].to_string());
+    normalized
+}
+
+fn frontend<'a>(rows: &'a [Value], addr: &str, port: u16, protocol: &str) -> Option<&'a Value> {
+    rows.iter().find(|row| {
+        row["frontend"]["addr"] == addr
+            && row["frontend"]["port"] == port
+            && row["frontend"]["protocol"] == protocol
+    })
+}
+
+/// The backend addresses (`addr:port`) a frontend selects, sorted.
+fn backends_of(rows: &[Value], addr: &str, port: u16, protocol: &str) -> Option<Vec<String>> {
+    let row = frontend(rows, addr, port, protocol)?;
+    let mut backends: Vec<String> = row["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            format!(
+                "{}:{}",
+                b["backend"]["addr"].as_str().unwrap_or("?"),
+                b["backend"]["port"]
+            )
+        })
+        .collect();
+    backends.sort();
+    Some(backends)
+}
+
+fn service(
+    name: &str,
+    vip: &str,
+    ports: &[(&str, u32, &str)],
+    labels: &str,
+    extra_spec: &str,
+) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(port_name, port, proto)| {
+            format!("  - {{name: {port_name}, port: {port}, protocol: {proto}}}")
+        })
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo, labels: {{{labels}}}}}\nspec:\n  clusterIP: {vip}\n{extra_spec}  ports:\n{}\n",
+        ports.join("\n")
+    )
+}
+
+fn slice(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u32, &str)],
+    endpoints: &[&str],
+    labels: &str,
+) -> String {
+    let ports: Vec<String> = ports
+        .iter()
+        .map(|(port_name, port, proto)| {
+            format!("  - {{name: {port_name}, port: {port}, protocol: {proto}}}")
+        })
+        .collect();
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|addr| {
+            format!("  - {{addresses: ['{addr}'], conditions: {{ready: true}}, nodeName: {NODE}}}")
+        })
+        .collect();
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", {labels}")
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}{labels}}}\naddressType: IPv4\nports:\n{}\nendpoints:{}\n{}\n",
+        ports.join("\n"),
+        if endpoints.is_empty() { " []" } else { "" },
+        endpoints.join("\n")
+    )
+}
+
+fn node(name: &str, address: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}}}}}\nstatus:\n  addresses: [{{type: InternalIP, address: '{address}'}}]\n"
+    )
+}
+
+const HTTP: [(&str, u32, &str); 1] = [("http", 80, "TCP")];
+const HTTP_TARGET: [(&str, u32, &str); 1] = [("http", 8080, "TCP")];
+
+/// "backend-2 10.244.0.2:40000" -> "backend-2"
+fn reply_name(result: &Value) -> String {
+    assert_eq!(result["ok"], true, "{result}");
+    result["reply"]
+        .as_str()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn spread(results: &[Value]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for result in results {
+        *counts.entry(reply_name(result)).or_insert(0) += 1;
+    }
+    counts
+}
+
+fn count(log: &[Request], ready: impl Fn(&Request) -> bool) -> usize {
+    log.iter().filter(|r| ready(r)).count()
+}
+
+fn is_list(request: &Request, kind: Kind) -> bool {
+    request.kind() == Some(kind) && !request.is_watch()
+}
+
+fn is_watch(request: &Request, kind: Kind) -> bool {
+    request.kind() == Some(kind) && request.is_watch()
+}
+
+#[test]
+fn requests_use_kube_proxy_selectors() {
+    let mut world = World::new("epka");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(format!(
+        "{}---\n{}",
+        node(NODE, CLIENT),
+        node("node-2", "10.244.9.9")
+    ));
+    world.start_agent(&[]);
+    world.wait_for("web with 3 backends", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
+    });
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+
+    let log = world.api.request_log();
+    let lines = world.api.requests().join("\n");
+    for request in &log {
+        assert_eq!(
+            request.method, "GET",
+            "the agent only reads: {}",
+            request.line
+        );
+        match request.kind() {
+            // Rule 1, cluster-wide, on both kinds.
+            Some(kind @ (Kind::Service | Kind::EndpointSlice)) => {
+                let path = if kind == Kind::Service {
+                    "/api/v1/services"
+                } else {
+                    "/apis/discovery.k8s.io/v1/endpointslices"
+                };
+                assert_eq!(request.path, path, "{}", request.line);
+                assert_eq!(
+                    request.param("labelSelector"),
+                    Some(PROXY_SELECTOR),
+                    "{}",
+                    request.line
+                );
+                assert_eq!(request.param("fieldSelector"), None, "{}", request.line);
+            }
+            // Only this node's Node object.
+            Some(Kind::Node) => {
+                assert_eq!(request.path, "/api/v1/nodes", "{}", request.line);
+                assert_eq!(
+                    request.param("fieldSelector"),
+                    Some("metadata.name=node-1"),
+                    "{}",
+                    request.line
+                );
+                assert_eq!(request.param("labelSelector"), None, "{}", request.line);
+            }
+            None => panic!("unexpected request {}", request.line),
+        }
+        if request.is_watch() {
+            // List, then watch from the list's version.
+            let rv: u64 = request
+                .param("resourceVersion")
+                .unwrap_or("")
+                .parse()
+                .unwrap_or_else(|_| panic!("watch without a resourceVersion: {}", request.line));
+            assert!(
+                rv > 0 && rv <= world.api.resource_version(),
+                "{}",
+                request.line
+            );
+        }
+    }
+    for kind in Kind::ALL {
+        assert!(
+            count(&log, |r| is_list(r, kind)) >= 1,
+            "no {kind:?} list:\n{lines}"
+        );
+        assert!(
+            count(&log, |r| is_watch(r, kind)) >= 1,
+            "no {kind:?} watch:\n{lines}"
+        );
+    }
+}
+
+#[test]
+fn rule_03_nothing_programmed_before_both_lists() {
+    let mut world = World::new("epkb");
+    // A datapath programmed earlier (by a manifests agent, now gone): "old"
+    // is stale, "web" has one backend.
+    let manifests = TempDir::new("epkb").unwrap();
+    let old_vip = "10.96.0.20";
+    fs::write(
+        manifests.path().join("old.yaml"),
+        format!(
+            "{}---\n{}---\n{}---\n{}",
+            service("web", VIP, &HTTP, "", ""),
+            slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""),
+            service("old", old_vip, &HTTP, "", ""),
+            slice("old-1", "old", &HTTP_TARGET, &BACKENDS[..1], ""),
+        ),
+    )
+    .unwrap();
+    let previous = Agent::start(
+        &world.netns,
+        manifests.path(),
+        world.cgroup.path(),
+        world.pins.path(),
+        NODE,
+    )
+    .unwrap();
+    previous.wait_healthy(&world.netns, CONVERGE).unwrap();
+    drop(previous);
+    let before = world.services();
+    assert_eq!(before.len(), 2, "{before:#?}");
+
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(service("new", "10.96.0.30", &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("new-1", "new", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    // The first two EndpointSlice requests fail; Services list fine.
+    world
+        .api
+        .fail_matching(2, 500, |r| r.kind() == Some(Kind::EndpointSlice));
+    world.spawn_agent(&[]);
+    world
+        .api
+        .wait_for_requests(
+            "two failed slice lists and a service watch",
+            CONVERGE,
+            |log| {
+                count(log, |r| is_list(r, Kind::EndpointSlice)) >= 2
+                    && count(log, |r| is_watch(r, Kind::Service)) >= 1
+            },
+        )
+        .unwrap();
+    // The next slice list comes >= 1.6 s after the second failure (backoff).
+    assert_eq!(
+        world.services(),
+        before,
+        "nothing programmed and nothing deleted before both lists"
+    );
+    let (status, body) = world.healthz();
+    assert_ne!(status, 200, "not healthy before the first sync: {body}");
+
+    // The third attempt succeeds: everything at once, and a resync.
+    world.agent().wait_healthy(&world.netns, CONVERGE).unwrap();
+    let rows = world.services();
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_eq!(
+        backends_of(&rows, VIP, 80, "TCP").unwrap().len(),
+        3,
+        "{rows:#?}"
+    );
+    assert!(
+        frontend(&rows, "10.96.0.30", 80, "TCP").is_some(),
+        "{rows:#?}"
+    );
+    assert!(
+        frontend(&rows, old_vip, 80, "TCP").is_none(),
+        "stale service removed: {rows:#?}"
+    );
+    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 30)).len(), 3);
+    assert_eq!(reply_name(&world.tcp("10.96.0.30:80", 1)[0]), "backend-2");
+    assert_eq!(
+        world.tcp(&format!("{old_vip}:80"), 1)[0]["errno"],
+        ENETUNREACH
+    );
+}
+
+/// The objects of the convergence test: multi-port, TCP+UDP on one port,
+/// no endpoints, affinity, NodePort, plus a Service ignored by label and a
+/// headless one.
+fn mixed_objects() -> String {
+    let docs = [
+        node(NODE, CLIENT),
+        node("node-2", "10.244.9.9"),
+        service(
+            "web",
+            VIP,
+            &[("http", 80, "TCP"), ("https", 443, "TCP")],
+            "app: web",
+            "",
+        ),
+        slice(
+            "web-1",
+            "web",
+            &[("https", 8443, "TCP"), ("http", 8080, "TCP")],
+            &BACKENDS,
+            "",
+        ),
+        service(
+            "dns",
+            "10.96.0.11",
+            &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+            "",
+            "",
+        ),
+        slice(
+            "dns-1",
+            "dns",
+            &[("dns", 5353, "UDP"), ("dns-tcp", 8080, "TCP")],
+            &BACKENDS[..2],
+            "",
+        ),
+        service("empty", "10.96.0.12", &HTTP, "", ""),
+        service(
+            "sticky",
+            "10.96.0.13",
+            &HTTP,
+            "",
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
+        ),
+        slice("sticky-1", "sticky", &HTTP_TARGET, &BACKENDS, ""),
+        service(
+            "ignored",
+            "10.96.0.14",
+            &HTTP,
+            "service.kubernetes.io/service-proxy-name: other",
+            "",
+        ),
+        slice("ignored-1", "ignored", &HTTP_TARGET, &BACKENDS, ""),
+        service("headless", "None", &HTTP, "", ""),
+        slice(
+            "headless-1",
+            "headless",
+            &HTTP_TARGET,
+            &BACKENDS,
+            "service.kubernetes.io/headless: ''",
+        ),
+        service(
+            "nodeport",
+            "10.96.0.15",
+            &[("http", 80, "TCP")],
+            "",
+            "  type: NodePort\n",
+        )
+        .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}"),
+        slice("nodeport-1", "nodeport", &HTTP_TARGET, &BACKENDS[2..], ""),
+    ];
+    docs.join("---\n")
+}
+
+#[test]
+fn converges_to_the_same_datapath_as_manifests() {
+    let mut world = World::new("epkc");
+    let objects = mixed_objects();
+    world.api.apply(&objects);
+    world.start_agent(&[]);
+
+    // The same objects as a manifests directory, to a second agent in a
+    // second namespace (no backends needed: only its datapath is compared).
+    let other_ns = Netns::new("epkc").unwrap();
+    let other_cgroup = Cgroup::new("epkc").unwrap();
+    let other_pins = PinDir::new("epkc").unwrap();
+    let manifests = TempDir::new("epkc").unwrap();
+    fs::write(manifests.path().join("objects.yaml"), &objects).unwrap();
+    let other = Agent::start(
+        &other_ns,
+        manifests.path(),
+        other_cgroup.path(),
+        other_pins.path(),
+        NODE,
+    )
+    .unwrap();
+    other.wait_healthy(&other_ns, CONVERGE).unwrap();
+
+    let expected = without_ids(&services(&other_pins));
+    let start = Instant::now();
+    while without_ids(&world.services()) != expected && start.elapsed() < Duration::from_secs(10) {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let rows = world.services();
+    assert_eq!(
+        without_ids(&rows),
+        expected,
+        "kube-fed datapath differs from the manifests-fed one\nkube agent log:\n{}\nmanifests agent log:\n{}",
+        world.agent().log_tail(30),
+        other.log_tail(30)
+    );
+
+    // And it is the right one.
+    assert_eq!(backends_of(&rows, VIP, 443, "TCP").unwrap().len(), 3);
+    assert_eq!(
+        backends_of(&rows, "10.96.0.11", 53, "UDP").unwrap(),
+        ["10.244.0.11:5353", "10.244.0.12:5353"]
+    );
+    assert_eq!(
+        backends_of(&rows, "10.96.0.12", 80, "TCP").unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        frontend(&rows, "10.96.0.13", 80, "TCP").unwrap()["affinity_timeout"],
+        600
+    );
+    assert!(
+        frontend(&rows, "10.96.0.14", 80, "TCP").is_none(),
+        "rule 1: ignored by label"
+    );
+    assert!(
+        frontend(&rows, CLIENT, 30080, "TCP").is_some(),
+        "NodePort on the Node's address: {rows:#?}"
+    );
+    let vips: Vec<&str> = rows
+        .iter()
+        .filter_map(|r| r["frontend"]["addr"].as_str())
+        .collect();
+    assert!(vips.iter().all(|v| *v != "10.96.0.14"), "{vips:?}");
+
+    // Traffic through the kube-fed one.
+    let https = world.tcp(&format!("{VIP}:443"), 30);
+    assert_eq!(
+        spread(&https).len(),
+        3,
+        "scenario 1: named port 443 -> 8443"
+    );
+    let udp = world.udp("10.96.0.11:53", 10);
+    assert!(udp.iter().all(|r| r["ok"] == true), "{udp:?}");
+    assert_eq!(
+        reply_name(&world.tcp("10.96.0.11:53", 1)[0]).len(),
+        "backend-1".len()
+    );
+    assert_eq!(
+        world.tcp("10.96.0.12:80", 1)[0]["errno"],
+        ECONNREFUSED,
+        "rule 21"
+    );
+    assert_eq!(spread(&world.tcp("10.96.0.13:80", 10)).len(), 1, "rule 23");
+    assert_eq!(
+        world.tcp("10.96.0.14:80", 1)[0]["errno"],
+        ENETUNREACH,
+        "rule 1"
+    );
+}
+
+#[test]
+fn watch_changes_apply() {
+    let mut world = World::new("epkd");
+    let to = format!("{VIP}:80");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.start_agent(&[]);
+    assert_eq!(
+        spread(&world.tcp(&to, 5)).keys().collect::<Vec<_>>(),
+        ["backend-1"]
+    );
+
+    // Scale up, then down.
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.wait_for("3 backends", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
+    });
+    assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.wait_for("1 backend", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b == ["10.244.0.13:8080"])
+    });
+    assert_eq!(
+        spread(&world.tcp(&to, 10)).keys().collect::<Vec<_>>(),
+        ["backend-3"]
+    );
+
+    // A second slice of the same Service adds its endpoints.
+    world
+        .api
+        .apply(slice("web-2", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.wait_for("2 backends from 2 slices", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 2)
+    });
+    world.api.delete("EndpointSlice", "demo", "web-2").unwrap();
+    world.wait_for("the second slice gone", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 1)
+    });
+
+    // Rules 1 and scenario 17: the proxy-name label makes the watch delete
+    // the Service; forwarding stops. Removing it restores forwarding.
+    world.api.apply(service(
+        "web",
+        VIP,
+        &HTTP,
+        "service.kubernetes.io/service-proxy-name: other",
+        "",
+    ));
+    world.wait_for("the labelled service to go", |rows| {
+        frontend(rows, VIP, 80, "TCP").is_none()
+    });
+    assert_eq!(world.tcp(&to, 1)[0]["errno"], ENETUNREACH);
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world.wait_for("the service back", |rows| {
+        frontend(rows, VIP, 80, "TCP").is_some()
+    });
+    assert_eq!(reply_name(&world.tcp(&to, 1)[0]), "backend-3");
+
+    // The headless label on the slice hides its endpoints (rule 1).
+    world.api.apply(slice(
+        "web-1",
+        "web",
+        &HTTP_TARGET,
+        &BACKENDS[2..],
+        "service.kubernetes.io/headless: ''",
+    ));
+    world.wait_for("no endpoints", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.is_empty())
+    });
+    assert_eq!(world.tcp(&to, 1)[0]["errno"], ECONNREFUSED, "rule 21");
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.wait_for("the endpoint back", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 1)
+    });
+
+    // Delete the Service.
+    world.api.delete("Service", "demo", "web").unwrap();
+    world.wait_for("the deleted service to go", |rows| rows.is_empty());
+    assert_eq!(world.tcp(&to, 1)[0]["errno"], ENETUNREACH);
+}
+
+#[test]
+fn relist_after_410_resyncs_and_removes_stale() {
+    let mut world = World::new("epke");
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let vip = format!("10.96.0.{}", 20 + i);
+        world.api.apply(service(name, &vip, &HTTP, "", ""));
+        world.api.apply(slice(
+            &format!("{name}-1"),
+            name,
+            &HTTP_TARGET,
+            &BACKENDS,
+            "",
+        ));
+    }
+    world.start_agent(&[]);
+    world.wait_for("3 services", |rows| rows.len() == 3);
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+    let lists = |kind| count(&world.api.request_log(), |r| is_list(r, kind));
+    let service_lists = lists(Kind::Service);
+
+    // Changes no open watch sees, then compaction: resuming watches get 410
+    // Gone, the agent relists, and the relist is a full resync.
+    world.api.set_down(true);
+    world.api.delete("Service", "demo", "b").unwrap();
+    world.api.delete("EndpointSlice", "demo", "b-1").unwrap();
+    world
+        .api
+        .apply(slice("a-1", "a", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.delete("EndpointSlice", "demo", "c-1").unwrap();
+    world.api.apply(service("d", "10.96.0.23", &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("d-1", "d", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    world.api.compact();
+    world.api.set_down(false);
+
+    world.wait_for("the resync", |rows| {
+        rows.len() == 3
+            && frontend(rows, "10.96.0.21", 80, "TCP").is_none()
+            && backends_of(rows, "10.96.0.20", 80, "TCP").is_some_and(|b| b == ["10.244.0.11:8080"])
+            && backends_of(rows, "10.96.0.22", 80, "TCP").is_some_and(|b| b.is_empty())
+            && backends_of(rows, "10.96.0.23", 80, "TCP").is_some_and(|b| b == ["10.244.0.12:8080"])
+    });
+    assert!(
+        lists(Kind::Service) > service_lists,
+        "relisted after 410:\n{}",
+        world.api.requests().join("\n")
+    );
+    assert_eq!(reply_name(&world.tcp("10.96.0.20:80", 1)[0]), "backend-1");
+    assert_eq!(
+        world.tcp("10.96.0.21:80", 1)[0]["errno"],
+        ENETUNREACH,
+        "deleted while unseen: gone"
+    );
+    assert_eq!(world.tcp("10.96.0.22:80", 1)[0]["errno"], ECONNREFUSED);
+    assert_eq!(reply_name(&world.tcp("10.96.0.23:80", 1)[0]), "backend-2");
+
+    // Compaction and broken connections with nothing changed: a relist
+    // that changes nothing, not even ids.
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+    let before = world.services();
+    let (service_lists, slice_lists) = (lists(Kind::Service), lists(Kind::EndpointSlice));
+    world.api.compact();
+    world.api.drop_connections();
+    world
+        .api
+        .wait_for_requests("relists", CONVERGE, |log| {
+            count(log, |r| is_list(r, Kind::Service)) > service_lists
+                && count(log, |r| is_list(r, Kind::EndpointSlice)) > slice_lists
+        })
+        .unwrap();
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+    // A change after the relist arrives through the new watch.
+    world
+        .api
+        .apply(slice("c-1", "c", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.wait_for("c's new endpoint", |rows| {
+        backends_of(rows, "10.96.0.22", 80, "TCP").is_some_and(|b| b == ["10.244.0.13:8080"])
+    });
+    let after = world.services();
+    for row in &before {
+        let same = after
+            .iter()
+            .find(|r| r["frontend"] == row["frontend"])
+            .unwrap();
+        assert_eq!(
+            same["svc_id"], row["svc_id"],
+            "a relist keeps ids: {row} vs {same}"
+        );
+        if row["frontend"]["addr"] != "10.96.0.22" {
+            assert_eq!(same, row, "unchanged by the relist");
+        }
+    }
+}
+
+#[test]
+fn api_server_down_keeps_serving_and_healthz_reports() {
+    let mut world = World::new("epkf");
+    let to = format!("{VIP}:80");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(service("api", "10.96.0.20", &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("api-1", "api", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.start_agent(&["--health-timeout", "2s"]);
+    world.wait_for("2 services", |rows| rows.len() == 2);
+    let before = world.services();
+
+    world.api.set_down(true);
+    // Changes the agent cannot see yet.
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..2], ""));
+    world.api.delete("Service", "demo", "api").unwrap();
+    // The datapath keeps serving its last state.
+    assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
+    let (_, body) = world.wait_healthz("503 with sourceError", |status, body| {
+        status == 503 && body.get("sourceError").is_some()
+    });
+    assert_eq!(body["healthy"], false);
+    assert!(
+        body["sourceError"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    assert_eq!(
+        world.services(),
+        before,
+        "nothing changes while the source is down"
+    );
+    assert!(world.tcp(&to, 10).iter().all(|r| r["ok"] == true));
+    world.assert_agent_runs();
+
+    world.api.set_down(false);
+    world.wait_for("the changes made meanwhile", |rows| {
+        rows.len() == 1 && backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 2)
+    });
+    let (_, body) = world.wait_healthz("200 again", |status, _| status == 200);
+    assert!(body.get("sourceError").is_none(), "{body}");
+    assert_eq!(spread(&world.tcp(&to, 30)).len(), 2);
+    assert_eq!(world.tcp("10.96.0.20:80", 1)[0]["errno"], ENETUNREACH);
+}
+
+#[test]
+fn errors_500_are_retried() {
+    let mut world = World::new("epkg");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(node(NODE, CLIENT));
+    // The first list of every kind fails.
+    world.api.fail_requests(3, 500);
+    world.start_agent(&[]);
+    assert_eq!(
+        reply_name(&world.tcp(&format!("{VIP}:80"), 1)[0]),
+        "backend-1"
+    );
+    let log = world.api.request_log();
+    for kind in Kind::ALL {
+        assert!(count(&log, |r| is_list(r, kind)) >= 1, "{kind:?}");
+    }
+    assert!(
+        log.len() >= 6,
+        "3 failed + 3 good lists:\n{}",
+        world.api.requests().join("\n")
+    );
+
+    // Watches break and their next requests fail with 500 and 503; a change
+    // made meanwhile still arrives.
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+    world.api.fail_requests(3, 500);
+    world.api.fail_requests(2, 503);
+    world.api.drop_connections();
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    world.wait_for("the change after the errors", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b == ["10.244.0.12:8080"])
+    });
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+    assert_eq!(
+        reply_name(&world.tcp(&format!("{VIP}:80"), 1)[0]),
+        "backend-2"
+    );
+    world.wait_healthz("200", |status, _| status == 200);
+    world.assert_agent_runs();
+}
+
+#[test]
+fn invalid_objects_are_skipped_and_others_work() {
+    let mut world = World::new("epkh");
+    let to = format!("{VIP}:80");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..2], ""));
+    world
+        .api
+        .apply(service("bad-ip", "10.96.0.999", &HTTP, "", ""));
+    world.api.apply(service(
+        "bad-port",
+        "10.96.0.21",
+        &[("http", 70000, "TCP")],
+        "",
+        "",
+    ));
+    world
+        .api
+        .apply(service("slice-target", "10.96.0.22", &HTTP, "", ""));
+    world.api.apply(slice(
+        "bad-address",
+        "slice-target",
+        &HTTP_TARGET,
+        &["10.244.0.300"],
+        "",
+    ));
+    world.api.apply(slice(
+        "bad-slice-port",
+        "slice-target",
+        &[("http", 65536, "TCP")],
+        &BACKENDS[..1],
+        "",
+    ));
+    world.start_agent(&[]);
+    world.wait_for("the valid services", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 2)
+            && frontend(rows, "10.96.0.22", 80, "TCP").is_some()
+    });
+    let rows = world.services();
+    assert_eq!(rows.len(), 2, "only web and slice-target: {rows:#?}");
+    assert_eq!(
+        backends_of(&rows, "10.96.0.22", 80, "TCP").unwrap(),
+        Vec::<String>::new()
+    );
+    let log = world.agent().log();
+    for name in ["bad-ip", "bad-port", "bad-address", "bad-slice-port"] {
+        assert!(log.contains(name), "{name} is logged:\n{log}");
+    }
+    assert_eq!(spread(&world.tcp(&to, 20)).len(), 2);
+
+    // An invalid update of a valid Service keeps its last good version.
+    let rows = world.services();
+    world
+        .api
+        .apply(service("web", "10.96.0.300", &HTTP, "", ""));
+    let start = Instant::now();
+    while !world.agent().log().contains("10.96.0.300") {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "invalid update not logged:\n{}",
+            world.agent().log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(world.services(), rows, "last good version kept");
+    assert_eq!(spread(&world.tcp(&to, 20)).len(), 2);
+    // Other changes still apply, and a valid update replaces it.
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.wait_for("3 backends", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
+    });
+    world.api.apply(service("web", "10.96.0.30", &HTTP, "", ""));
+    world.wait_for("the valid update", |rows| {
+        frontend(rows, VIP, 80, "TCP").is_none()
+            && frontend(rows, "10.96.0.30", 80, "TCP").is_some()
+    });
+    assert_eq!(spread(&world.tcp("10.96.0.30:80", 30)).len(), 3);
+    world.wait_healthz("200", |status, _| status == 200);
+}
+
+#[test]
+fn bad_input_at_scale() {
+    let mut world = World::new("epki");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    // One slice with 100k endpoints (built as JSON values directly).
+    let endpoints: Vec<Value> = (0..100_000u32)
+        .map(|i| {
+            json!({
+                "addresses": [Ipv4Addr::from(0x0a80_0000 + i).to_string()],
+                "conditions": {"ready": true},
+            })
+        })
+        .collect();
+    world.api.apply(service("big", "10.96.0.50", &HTTP, "", ""));
+    world.api.apply(json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "big-1", "namespace": "demo", "labels": {"kubernetes.io/service-name": "big"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }));
+    // A slice of a Service that does not exist.
+    world
+        .api
+        .apply(slice("ghost-1", "ghost", &HTTP_TARGET, &BACKENDS, ""));
+    // Two Services on one clusterIP:port.
+    world
+        .api
+        .apply(service("dup-a", "10.96.0.60", &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("dup-a-1", "dup-a", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world
+        .api
+        .apply(service("dup-b", "10.96.0.60", &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("dup-b-1", "dup-b", &HTTP_TARGET, &BACKENDS[1..2], ""));
+
+    // Valid services first (the failure says more than /healthz would).
+    world.spawn_agent(&["--health-timeout", "3s"]);
+    world.wait_for("web and the duplicate frontend", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
+            && backends_of(rows, "10.96.0.60", 80, "TCP").is_some_and(|b| b.len() == 1)
+    });
+    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 30)).len(), 3);
+    let dup = reply_name(&world.tcp("10.96.0.60:80", 1)[0]);
+    assert!(dup == "backend-1" || dup == "backend-2", "{dup}");
+    assert!(
+        world.agent().log().contains("dup-"),
+        "the conflict is logged:\n{}",
+        world.agent().log_tail(30)
+    );
+
+    world.wait_healthz("200", |status, _| status == 200);
+    // Still up and healthy a while later (longer than --health-timeout: a
+    // sync that keeps failing would show by now).
+    thread::sleep(Duration::from_secs(4));
+    world.assert_agent_runs();
+    let (status, body) = world.healthz();
+    assert_eq!(
+        status,
+        200,
+        "{body}\nagent log:\n{}",
+        world.agent().log_tail(30)
+    );
+    // The rest keeps working and changes still apply.
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.wait_for("a change after the big slice", |rows| {
+        backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 1)
+    });
+    assert_eq!(
+        reply_name(&world.tcp(&format!("{VIP}:80"), 1)[0]),
+        "backend-1"
+    );
+}
+
+#[test]
+fn healthz_reports_one_failing_watch_while_others_flow() {
+    let mut world = World::new("epkj");
+    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.start_agent(&["--health-timeout", "2s"]);
+    world.api.wait_for_watches(3, CONVERGE).unwrap();
+
+    // EndpointSlices can no longer be read; Services still flow.
+    world
+        .api
+        .fail_matching(usize::MAX, 500, |r| r.kind() == Some(Kind::EndpointSlice));
+    world.api.drop_connections();
+    world
+        .api
+        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    let start = Instant::now();
+    let mut statuses = Vec::new();
+    let mut i = 0;
+    while start.elapsed() < Duration::from_secs(6) {
+        i += 1;
+        world.api.apply(service(
+            "other",
+            "10.96.0.20",
+            &HTTP,
+            &format!("gen: '{i}'"),
+            "",
+        ));
+        let (status, _) = world.healthz();
+        statuses.push(status);
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Rule 33: endpoints stale for longer than the health timeout.
+    assert!(
+        statuses[statuses.len() - 5..].iter().all(|s| *s == 503),
+        "/healthz while EndpointSlices fail for 6 s: {statuses:?}\nagent log:\n{}",
+        world.agent().log_tail(20)
+    );
+}
