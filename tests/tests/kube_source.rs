@@ -3,35 +3,32 @@
 //! running inside the test's own network namespace, and the real programs
 //! attached to a child cgroup (DESIGN.md, testing layer 5).
 //!
-//! Layout of every test (as in sock_lb.rs): one network namespace with the
-//! client address 10.244.0.2 and backends 10.244.0.11-13 on `lo`, the API
-//! server double on 127.0.0.1 in the same namespace, clients in that
-//! namespace AND the test's cgroup. The namespace has no route to the
-//! service CIDR, so an untranslated connect fails with ENETUNREACH and
-//! nothing ever leaves it. Rule numbers refer to SERVICE-SEMANTICS.md.
+//! Layout of every test (the fixture in `common`, as in sock_lb.rs): one
+//! network namespace with the client address 10.244.0.2 and backends
+//! 10.244.0.11-13 on `lo`, the API server double on 127.0.0.1 in the same
+//! namespace, clients in that namespace AND the test's cgroup. The
+//! namespace has no route to the service CIDR, so an untranslated connect
+//! fails with ENETUNREACH and nothing ever leaves it. Rule numbers refer to
+//! SERVICE-SEMANTICS.md.
 
 use std::{
-    collections::BTreeMap,
-    fs,
     net::Ipv4Addr,
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
     time::{Duration, Instant},
 };
 
 use proxy_tests::{
-    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, agent_bin,
+    AGENT_HEALTHZ, Agent,
     apiserver::{ApiServer, Kind, Request, start_agent_with_kubeconfig},
-    host, json_lines, start_server,
+    host,
 };
 use serde_json::{Value, json};
 
-const CLIENT: &str = "10.244.0.2";
-const BACKENDS: [&str; 3] = ["10.244.0.11", "10.244.0.12", "10.244.0.13"];
-const VIP: &str = "10.96.0.10";
-const NODE: &str = "node-1";
-const ECONNREFUSED: i64 = 111;
-const ENETUNREACH: i64 = 101;
+mod common;
+
+use common::*;
+
 /// Rule 1: kube-proxy's selector on Services and EndpointSlices.
 const PROXY_SELECTOR: &str =
     "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
@@ -39,148 +36,84 @@ const PROXY_SELECTOR: &str =
 /// 3.2 s ... plus jitter).
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// One test's world. Fields drop in order: agent, API server double,
-/// servers, files, pins (detaches the programs), cgroup (kills clients),
-/// namespace.
+/// One test's world: a [`TestNode`] with the API server double in its
+/// namespace. Drops the agent first, then the double, then the node
+/// (servers, files, pins, cgroup, namespace).
 struct World {
-    agent: Option<Agent>,
     api: ApiServer,
-    _servers: Vec<ChildGuard>,
-    files: TempDir,
-    pins: PinDir,
-    cgroup: Cgroup,
-    netns: Netns,
+    node: TestNode,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.node.agent = None;
+    }
 }
 
 impl World {
     fn new(prefix: &str) -> World {
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "Kubernetes source tests need root"
-        );
-        let netns = Netns::new(prefix).unwrap();
-        for addr in std::iter::once(CLIENT).chain(BACKENDS) {
-            netns
-                .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
-                .unwrap();
-        }
-        let servers = BACKENDS
-            .iter()
-            .enumerate()
-            .map(|(i, addr)| {
-                let name = format!("backend-{}", i + 1);
-                let listeners: Vec<String> = [
-                    ("--tcp", 8080),
-                    ("--tcp", 8443),
-                    ("--udp", 5353),
-                    ("--udp", 8080),
-                ]
-                .iter()
-                .flat_map(|(kind, port)| [kind.to_string(), format!("{addr}:{port}")])
-                .collect();
-                let mut args = vec!["--name", &name];
-                args.extend(listeners.iter().map(String::as_str));
-                start_server(&netns, &args).unwrap()
-            })
-            .collect();
+        let node = TestNode::new(prefix);
         World {
-            agent: None,
-            api: ApiServer::start(&netns).unwrap(),
-            _servers: servers,
-            files: TempDir::new(prefix).unwrap(),
-            pins: PinDir::new(prefix).unwrap(),
-            cgroup: Cgroup::new(prefix).unwrap(),
-            netns,
+            api: ApiServer::start(&node.netns).unwrap(),
+            node,
         }
     }
 
-    /// Starts the agent on the double; does not wait for it.
+    /// Starts the agent on the double; does not wait for it. Its
+    /// kubeconfig goes to the node's (otherwise unused) manifests directory.
     fn spawn_agent(&mut self, extra_args: &[&str]) {
-        let kubeconfig = self.api.kubeconfig(self.files.path()).unwrap();
+        let node = &mut self.node;
+        let kubeconfig = self.api.kubeconfig(node.manifests.path()).unwrap();
         let agent = start_agent_with_kubeconfig(
-            &self.netns,
+            &node.netns,
             &kubeconfig,
-            self.cgroup.path(),
-            self.pins.path(),
+            node.cgroup.path(),
+            node.pins.path(),
             NODE,
             extra_args,
         )
         .unwrap();
-        self.agent = Some(agent);
+        node.agent = Some(agent);
     }
 
     /// Starts the agent on the double and waits for /healthz 200.
     fn start_agent(&mut self, extra_args: &[&str]) {
         self.spawn_agent(extra_args);
-        self.agent().wait_healthy(&self.netns, CONVERGE).unwrap();
+        self.agent()
+            .wait_healthy(&self.node.netns, CONVERGE)
+            .unwrap();
     }
 
     fn agent(&self) -> &Agent {
-        self.agent.as_ref().expect("agent started")
+        self.node.agent()
     }
 
     fn agent_mut(&mut self) -> &mut Agent {
-        self.agent.as_mut().expect("agent started")
-    }
-
-    /// A client inside the namespace and the cgroup.
-    fn client(&self, args: &[&str]) -> Vec<Value> {
-        json_lines(host(&self.netns, Some(&self.cgroup)).args(args)).unwrap()
+        self.node.agent_mut()
     }
 
     fn tcp(&self, to: &str, count: u32) -> Vec<Value> {
-        self.client(&[
-            "tcp",
-            "--to",
-            to,
-            "--count",
-            &count.to_string(),
-            "--bind",
-            CLIENT,
-        ])
+        self.node.tcp(to, count)
     }
 
-    fn udp(&self, to: &str, count: u32) -> Vec<Value> {
-        self.client(&[
-            "udp",
-            "--to",
-            to,
-            "--count",
-            &count.to_string(),
-            "--bind",
-            CLIENT,
-        ])
+    fn udp(&self, to: &str, count: u32, extra: &[&str]) -> Vec<Value> {
+        self.node.udp(to, count, extra)
     }
 
-    /// `ebpf-proxy services --output json`, read from the pins.
     fn services(&self) -> Vec<Value> {
-        services(&self.pins)
+        self.node.services()
     }
 
-    /// Waits until the datapath holds what `ready` accepts.
     fn wait_for(&self, what: &str, ready: impl Fn(&[Value]) -> bool) {
-        let start = Instant::now();
-        loop {
-            // Before the agent has pinned its maps there is nothing to read.
-            let services = try_services(&self.pins);
-            if services.as_deref().is_some_and(&ready) {
-                return;
-            }
-            assert!(
-                start.elapsed() < CONVERGE,
-                "timed out waiting for {what}; datapath: {services:#?}\nagent log:\n{}",
-                self.agent().log_tail(40)
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.node.wait_for_within(what, CONVERGE, ready);
     }
 
     /// `/healthz`: (HTTP status, body), status 0 when nothing answered.
     fn healthz(&self) -> (i64, Value) {
-        let out = host(&self.netns, None)
+        let out = host(&self.node.netns, None)
             .args([
                 "http-get",
-                "127.0.0.1:10256/healthz",
+                &format!("{AGENT_HEALTHZ}/healthz"),
                 "--timeout-ms",
                 "1000",
             ])
@@ -220,40 +153,6 @@ impl World {
             self.agent().log_tail(40)
         );
     }
-}
-
-/// `None` while the maps are not (all) pinned yet.
-fn try_services(pins: &PinDir) -> Option<Vec<Value>> {
-    let out = Command::new(agent_bin())
-        .args(["services", "--output", "json", "--bpffs"])
-        .arg(pins.path())
-        .output()
-        .unwrap();
-    out.status.success().then(|| {
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
-    })
-}
-
-fn services(pins: &PinDir) -> Vec<Value> {
-    let out = Command::new(agent_bin())
-        .args(["services", "--output", "json", "--bpffs"])
-        .arg(pins.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 /// The datapath without ids (they depend on history): per frontend its
@@ -303,57 +202,6 @@ fn backends_of(rows: &[Value], addr: &str, port: u16, protocol: &str) -> Option<
     Some(backends)
 }
 
-fn service(
-    name: &str,
-    vip: &str,
-    ports: &[(&str, u32, &str)],
-    labels: &str,
-    extra_spec: &str,
-) -> String {
-    let ports: Vec<String> = ports
-        .iter()
-        .map(|(port_name, port, proto)| {
-            format!("  - {{name: {port_name}, port: {port}, protocol: {proto}}}")
-        })
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo, labels: {{{labels}}}}}\nspec:\n  clusterIP: {vip}\n{extra_spec}  ports:\n{}\n",
-        ports.join("\n")
-    )
-}
-
-fn slice(
-    name: &str,
-    service: &str,
-    ports: &[(&str, u32, &str)],
-    endpoints: &[&str],
-    labels: &str,
-) -> String {
-    let ports: Vec<String> = ports
-        .iter()
-        .map(|(port_name, port, proto)| {
-            format!("  - {{name: {port_name}, port: {port}, protocol: {proto}}}")
-        })
-        .collect();
-    let endpoints: Vec<String> = endpoints
-        .iter()
-        .map(|addr| {
-            format!("  - {{addresses: ['{addr}'], conditions: {{ready: true}}, nodeName: {NODE}}}")
-        })
-        .collect();
-    let labels = if labels.is_empty() {
-        String::new()
-    } else {
-        format!(", {labels}")
-    };
-    format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}{labels}}}\naddressType: IPv4\nports:\n{}\nendpoints:{}\n{}\n",
-        ports.join("\n"),
-        if endpoints.is_empty() { " []" } else { "" },
-        endpoints.join("\n")
-    )
-}
-
 fn node(name: &str, address: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{kubernetes.io/hostname: {name}}}}}\nstatus:\n  addresses: [{{type: InternalIP, address: '{address}'}}]\n"
@@ -363,24 +211,15 @@ fn node(name: &str, address: &str) -> String {
 const HTTP: [(&str, u32, &str); 1] = [("http", 80, "TCP")];
 const HTTP_TARGET: [(&str, u32, &str); 1] = [("http", 8080, "TCP")];
 
-/// "backend-2 10.244.0.2:40000" -> "backend-2"
-fn reply_name(result: &Value) -> String {
-    assert_eq!(result["ok"], true, "{result}");
-    result["reply"]
-        .as_str()
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
+/// The Service `name` on `vip` with port [`HTTP`], no labels.
+fn http_service(name: &str, vip: &str) -> String {
+    service_with(name, vip, &HTTP, "", "")
 }
 
-fn spread(results: &[Value]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for result in results {
-        *counts.entry(reply_name(result)).or_insert(0) += 1;
-    }
-    counts
+/// The EndpointSlice `name` of `service` with port [`HTTP_TARGET`], ready
+/// endpoints at `addrs`, no other labels.
+fn http_slice(name: &str, service: &str, addrs: &[&str]) -> String {
+    slice_with(name, service, &HTTP_TARGET, addrs, "")
 }
 
 fn count(log: &[Request], ready: impl Fn(&Request) -> bool) -> usize {
@@ -398,10 +237,8 @@ fn is_watch(request: &Request, kind: Kind) -> bool {
 #[test]
 fn requests_use_kube_proxy_selectors() {
     let mut world = World::new("epka");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
     world.api.apply(format!(
         "{}---\n{}",
         node(NODE, CLIENT),
@@ -482,40 +319,26 @@ fn rule_03_nothing_programmed_before_both_lists() {
     let mut world = World::new("epkb");
     // A datapath programmed earlier (by a manifests agent, now gone): "old"
     // is stale, "web" has one backend.
-    let manifests = TempDir::new("epkb").unwrap();
     let old_vip = "10.96.0.20";
-    fs::write(
-        manifests.path().join("old.yaml"),
-        format!(
+    world.node.write(
+        "old.yaml",
+        &format!(
             "{}---\n{}---\n{}---\n{}",
-            service("web", VIP, &HTTP, "", ""),
-            slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""),
-            service("old", old_vip, &HTTP, "", ""),
-            slice("old-1", "old", &HTTP_TARGET, &BACKENDS[..1], ""),
+            http_service("web", VIP),
+            http_slice("web-1", "web", &BACKENDS[..1]),
+            http_service("old", old_vip),
+            http_slice("old-1", "old", &BACKENDS[..1]),
         ),
-    )
-    .unwrap();
-    let previous = Agent::start(
-        &world.netns,
-        manifests.path(),
-        world.cgroup.path(),
-        world.pins.path(),
-        NODE,
-    )
-    .unwrap();
-    previous.wait_healthy(&world.netns, CONVERGE).unwrap();
-    drop(previous);
+    );
+    world.node.start_agent();
+    world.node.agent = None;
     let before = world.services();
     assert_eq!(before.len(), 2, "{before:#?}");
 
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
-    world.api.apply(service("new", "10.96.0.30", &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("new-1", "new", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
+    world.api.apply(http_service("new", "10.96.0.30"));
+    world.api.apply(http_slice("new-1", "new", &BACKENDS[1..2]));
     // The first two EndpointSlice requests fail; Services list fine.
     world
         .api
@@ -542,7 +365,10 @@ fn rule_03_nothing_programmed_before_both_lists() {
     assert_ne!(status, 200, "not healthy before the first sync: {body}");
 
     // The third attempt succeeds: everything at once, and a resync.
-    world.agent().wait_healthy(&world.netns, CONVERGE).unwrap();
+    world
+        .agent()
+        .wait_healthy(&world.node.netns, CONVERGE)
+        .unwrap();
     let rows = world.services();
     assert_eq!(rows.len(), 2, "{rows:#?}");
     assert_eq!(
@@ -573,60 +399,60 @@ fn mixed_objects() -> String {
     let docs = [
         node(NODE, CLIENT),
         node("node-2", "10.244.9.9"),
-        service(
+        service_with(
             "web",
             VIP,
             &[("http", 80, "TCP"), ("https", 443, "TCP")],
             "app: web",
             "",
         ),
-        slice(
+        slice_with(
             "web-1",
             "web",
             &[("https", 8443, "TCP"), ("http", 8080, "TCP")],
             &BACKENDS,
             "",
         ),
-        service(
+        service_with(
             "dns",
             "10.96.0.11",
             &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
             "",
             "",
         ),
-        slice(
+        slice_with(
             "dns-1",
             "dns",
             &[("dns", 5353, "UDP"), ("dns-tcp", 8080, "TCP")],
             &BACKENDS[..2],
             "",
         ),
-        service("empty", "10.96.0.12", &HTTP, "", ""),
-        service(
+        http_service("empty", "10.96.0.12"),
+        service_with(
             "sticky",
             "10.96.0.13",
             &HTTP,
             "",
             "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}\n",
         ),
-        slice("sticky-1", "sticky", &HTTP_TARGET, &BACKENDS, ""),
-        service(
+        http_slice("sticky-1", "sticky", &BACKENDS),
+        service_with(
             "ignored",
             "10.96.0.14",
             &HTTP,
             "service.kubernetes.io/service-proxy-name: other",
             "",
         ),
-        slice("ignored-1", "ignored", &HTTP_TARGET, &BACKENDS, ""),
-        service("headless", "None", &HTTP, "", ""),
-        slice(
+        http_slice("ignored-1", "ignored", &BACKENDS),
+        http_service("headless", "None"),
+        slice_with(
             "headless-1",
             "headless",
             &HTTP_TARGET,
             &BACKENDS,
             "service.kubernetes.io/headless: ''",
         ),
-        service(
+        service_with(
             "nodeport",
             "10.96.0.15",
             &[("http", 80, "TCP")],
@@ -634,7 +460,7 @@ fn mixed_objects() -> String {
             "  type: NodePort\n",
         )
         .replace("protocol: TCP}", "protocol: TCP, nodePort: 30080}"),
-        slice("nodeport-1", "nodeport", &HTTP_TARGET, &BACKENDS[2..], ""),
+        http_slice("nodeport-1", "nodeport", &BACKENDS[2..]),
     ];
     docs.join("---\n")
 }
@@ -647,23 +473,13 @@ fn converges_to_the_same_datapath_as_manifests() {
     world.start_agent(&[]);
 
     // The same objects as a manifests directory, to a second agent in a
-    // second namespace (no backends needed: only its datapath is compared).
-    let other_ns = Netns::new("epkc").unwrap();
-    let other_cgroup = Cgroup::new("epkc").unwrap();
-    let other_pins = PinDir::new("epkc").unwrap();
-    let manifests = TempDir::new("epkc").unwrap();
-    fs::write(manifests.path().join("objects.yaml"), &objects).unwrap();
-    let other = Agent::start(
-        &other_ns,
-        manifests.path(),
-        other_cgroup.path(),
-        other_pins.path(),
-        NODE,
-    )
-    .unwrap();
-    other.wait_healthy(&other_ns, CONVERGE).unwrap();
+    // second namespace (its backends go unused: only its datapath is
+    // compared).
+    let mut other = TestNode::new("epkc");
+    other.write("objects.yaml", &objects);
+    other.start_agent();
 
-    let expected = without_ids(&services(&other_pins));
+    let expected = without_ids(&other.services());
     let start = Instant::now();
     while without_ids(&world.services()) != expected && start.elapsed() < Duration::from_secs(10) {
         thread::sleep(Duration::from_millis(100));
@@ -674,7 +490,7 @@ fn converges_to_the_same_datapath_as_manifests() {
         expected,
         "kube-fed datapath differs from the manifests-fed one\nkube agent log:\n{}\nmanifests agent log:\n{}",
         world.agent().log_tail(30),
-        other.log_tail(30)
+        other.agent().log_tail(30)
     );
 
     // And it is the right one.
@@ -712,7 +528,7 @@ fn converges_to_the_same_datapath_as_manifests() {
         3,
         "scenario 1: named port 443 -> 8443"
     );
-    let udp = world.udp("10.96.0.11:53", 10);
+    let udp = world.udp("10.96.0.11:53", 10, &[]);
     assert!(udp.iter().all(|r| r["ok"] == true), "{udp:?}");
     assert_eq!(
         reply_name(&world.tcp("10.96.0.11:53", 1)[0]).len(),
@@ -735,10 +551,8 @@ fn converges_to_the_same_datapath_as_manifests() {
 fn watch_changes_apply() {
     let mut world = World::new("epkd");
     let to = format!("{VIP}:80");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..1]));
     world.start_agent(&[]);
     assert_eq!(
         spread(&world.tcp(&to, 5)).keys().collect::<Vec<_>>(),
@@ -746,16 +560,12 @@ fn watch_changes_apply() {
     );
 
     // Scale up, then down.
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
     world.wait_for("3 backends", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
     });
     assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[2..]));
     world.wait_for("1 backend", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b == ["10.244.0.13:8080"])
     });
@@ -765,9 +575,7 @@ fn watch_changes_apply() {
     );
 
     // A second slice of the same Service adds its endpoints.
-    world
-        .api
-        .apply(slice("web-2", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_slice("web-2", "web", &BACKENDS[..1]));
     world.wait_for("2 backends from 2 slices", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 2)
     });
@@ -778,7 +586,7 @@ fn watch_changes_apply() {
 
     // Rules 1 and scenario 17: the proxy-name label makes the watch delete
     // the Service; forwarding stops. Removing it restores forwarding.
-    world.api.apply(service(
+    world.api.apply(service_with(
         "web",
         VIP,
         &HTTP,
@@ -789,14 +597,14 @@ fn watch_changes_apply() {
         frontend(rows, VIP, 80, "TCP").is_none()
     });
     assert_eq!(world.tcp(&to, 1)[0]["errno"], ENETUNREACH);
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
+    world.api.apply(http_service("web", VIP));
     world.wait_for("the service back", |rows| {
         frontend(rows, VIP, 80, "TCP").is_some()
     });
     assert_eq!(reply_name(&world.tcp(&to, 1)[0]), "backend-3");
 
     // The headless label on the slice hides its endpoints (rule 1).
-    world.api.apply(slice(
+    world.api.apply(slice_with(
         "web-1",
         "web",
         &HTTP_TARGET,
@@ -807,9 +615,7 @@ fn watch_changes_apply() {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.is_empty())
     });
     assert_eq!(world.tcp(&to, 1)[0]["errno"], ECONNREFUSED, "rule 21");
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[2..]));
     world.wait_for("the endpoint back", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 1)
     });
@@ -825,14 +631,10 @@ fn relist_after_410_resyncs_and_removes_stale() {
     let mut world = World::new("epke");
     for (i, name) in ["a", "b", "c"].iter().enumerate() {
         let vip = format!("10.96.0.{}", 20 + i);
-        world.api.apply(service(name, &vip, &HTTP, "", ""));
-        world.api.apply(slice(
-            &format!("{name}-1"),
-            name,
-            &HTTP_TARGET,
-            &BACKENDS,
-            "",
-        ));
+        world.api.apply(http_service(name, &vip));
+        world
+            .api
+            .apply(http_slice(&format!("{name}-1"), name, &BACKENDS));
     }
     world.start_agent(&[]);
     world.wait_for("3 services", |rows| rows.len() == 3);
@@ -845,14 +647,10 @@ fn relist_after_410_resyncs_and_removes_stale() {
     world.api.set_down(true);
     world.api.delete("Service", "demo", "b").unwrap();
     world.api.delete("EndpointSlice", "demo", "b-1").unwrap();
-    world
-        .api
-        .apply(slice("a-1", "a", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_slice("a-1", "a", &BACKENDS[..1]));
     world.api.delete("EndpointSlice", "demo", "c-1").unwrap();
-    world.api.apply(service("d", "10.96.0.23", &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("d-1", "d", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    world.api.apply(http_service("d", "10.96.0.23"));
+    world.api.apply(http_slice("d-1", "d", &BACKENDS[1..2]));
     world.api.compact();
     world.api.set_down(false);
 
@@ -893,9 +691,7 @@ fn relist_after_410_resyncs_and_removes_stale() {
         .unwrap();
     world.api.wait_for_watches(3, CONVERGE).unwrap();
     // A change after the relist arrives through the new watch.
-    world
-        .api
-        .apply(slice("c-1", "c", &HTTP_TARGET, &BACKENDS[2..], ""));
+    world.api.apply(http_slice("c-1", "c", &BACKENDS[2..]));
     world.wait_for("c's new endpoint", |rows| {
         backends_of(rows, "10.96.0.22", 80, "TCP").is_some_and(|b| b == ["10.244.0.13:8080"])
     });
@@ -919,23 +715,17 @@ fn relist_after_410_resyncs_and_removes_stale() {
 fn api_server_down_keeps_serving_and_healthz_reports() {
     let mut world = World::new("epkf");
     let to = format!("{VIP}:80");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
-    world.api.apply(service("api", "10.96.0.20", &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("api-1", "api", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
+    world.api.apply(http_service("api", "10.96.0.20"));
+    world.api.apply(http_slice("api-1", "api", &BACKENDS[..1]));
     world.start_agent(&["--health-timeout", "2s"]);
     world.wait_for("2 services", |rows| rows.len() == 2);
     let before = world.services();
 
     world.api.set_down(true);
     // Changes the agent cannot see yet.
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..2], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..2]));
     world.api.delete("Service", "demo", "api").unwrap();
     // The datapath keeps serving its last state.
     assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
@@ -970,10 +760,8 @@ fn api_server_down_keeps_serving_and_healthz_reports() {
 #[test]
 fn errors_500_are_retried() {
     let mut world = World::new("epkg");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..1]));
     world.api.apply(node(NODE, CLIENT));
     // The first list of every kind fails.
     world.api.fail_requests(3, 500);
@@ -998,9 +786,7 @@ fn errors_500_are_retried() {
     world.api.fail_requests(3, 500);
     world.api.fail_requests(2, 503);
     world.api.drop_connections();
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[1..2], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[1..2]));
     world.wait_for("the change after the errors", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b == ["10.244.0.12:8080"])
     });
@@ -1017,31 +803,21 @@ fn errors_500_are_retried() {
 fn invalid_objects_are_skipped_and_others_work() {
     let mut world = World::new("epkh");
     let to = format!("{VIP}:80");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..2], ""));
-    world
-        .api
-        .apply(service("bad-ip", "10.96.0.999", &HTTP, "", ""));
-    world.api.apply(service(
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..2]));
+    world.api.apply(http_service("bad-ip", "10.96.0.999"));
+    world.api.apply(service_with(
         "bad-port",
         "10.96.0.21",
         &[("http", 70000, "TCP")],
         "",
         "",
     ));
+    world.api.apply(http_service("slice-target", "10.96.0.22"));
     world
         .api
-        .apply(service("slice-target", "10.96.0.22", &HTTP, "", ""));
-    world.api.apply(slice(
-        "bad-address",
-        "slice-target",
-        &HTTP_TARGET,
-        &["10.244.0.300"],
-        "",
-    ));
-    world.api.apply(slice(
+        .apply(http_slice("bad-address", "slice-target", &["10.244.0.300"]));
+    world.api.apply(slice_with(
         "bad-slice-port",
         "slice-target",
         &[("http", 65536, "TCP")],
@@ -1067,9 +843,7 @@ fn invalid_objects_are_skipped_and_others_work() {
 
     // An invalid update of a valid Service keeps its last good version.
     let rows = world.services();
-    world
-        .api
-        .apply(service("web", "10.96.0.300", &HTTP, "", ""));
+    world.api.apply(http_service("web", "10.96.0.300"));
     let start = Instant::now();
     while !world.agent().log().contains("10.96.0.300") {
         assert!(
@@ -1082,13 +856,11 @@ fn invalid_objects_are_skipped_and_others_work() {
     assert_eq!(world.services(), rows, "last good version kept");
     assert_eq!(spread(&world.tcp(&to, 20)).len(), 2);
     // Other changes still apply, and a valid update replaces it.
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
     world.wait_for("3 backends", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
     });
-    world.api.apply(service("web", "10.96.0.30", &HTTP, "", ""));
+    world.api.apply(http_service("web", "10.96.0.30"));
     world.wait_for("the valid update", |rows| {
         frontend(rows, VIP, 80, "TCP").is_none()
             && frontend(rows, "10.96.0.30", 80, "TCP").is_some()
@@ -1100,10 +872,8 @@ fn invalid_objects_are_skipped_and_others_work() {
 #[test]
 fn bad_input_at_scale() {
     let mut world = World::new("epki");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
     // One slice with 100k endpoints (built as JSON values directly).
     let endpoints: Vec<Value> = (0..100_000u32)
         .map(|i| {
@@ -1113,7 +883,7 @@ fn bad_input_at_scale() {
             })
         })
         .collect();
-    world.api.apply(service("big", "10.96.0.50", &HTTP, "", ""));
+    world.api.apply(http_service("big", "10.96.0.50"));
     world.api.apply(json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -1123,22 +893,16 @@ fn bad_input_at_scale() {
         "endpoints": endpoints,
     }));
     // A slice of a Service that does not exist.
-    world
-        .api
-        .apply(slice("ghost-1", "ghost", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_slice("ghost-1", "ghost", &BACKENDS));
     // Two Services on one clusterIP:port.
+    world.api.apply(http_service("dup-a", "10.96.0.60"));
     world
         .api
-        .apply(service("dup-a", "10.96.0.60", &HTTP, "", ""));
+        .apply(http_slice("dup-a-1", "dup-a", &BACKENDS[..1]));
+    world.api.apply(http_service("dup-b", "10.96.0.60"));
     world
         .api
-        .apply(slice("dup-a-1", "dup-a", &HTTP_TARGET, &BACKENDS[..1], ""));
-    world
-        .api
-        .apply(service("dup-b", "10.96.0.60", &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("dup-b-1", "dup-b", &HTTP_TARGET, &BACKENDS[1..2], ""));
+        .apply(http_slice("dup-b-1", "dup-b", &BACKENDS[1..2]));
 
     // Valid services first (the failure says more than /healthz would).
     world.spawn_agent(&["--health-timeout", "3s"]);
@@ -1168,9 +932,7 @@ fn bad_input_at_scale() {
         world.agent().log_tail(30)
     );
     // The rest keeps working and changes still apply.
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..1]));
     world.wait_for("a change after the big slice", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 1)
     });
@@ -1183,10 +945,8 @@ fn bad_input_at_scale() {
 #[test]
 fn healthz_reports_one_failing_watch_while_others_flow() {
     let mut world = World::new("epkj");
-    world.api.apply(service("web", VIP, &HTTP, "", ""));
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS, ""));
+    world.api.apply(http_service("web", VIP));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS));
     world.start_agent(&["--health-timeout", "2s"]);
     world.api.wait_for_watches(3, CONVERGE).unwrap();
 
@@ -1195,15 +955,13 @@ fn healthz_reports_one_failing_watch_while_others_flow() {
         .api
         .fail_matching(usize::MAX, 500, |r| r.kind() == Some(Kind::EndpointSlice));
     world.api.drop_connections();
-    world
-        .api
-        .apply(slice("web-1", "web", &HTTP_TARGET, &BACKENDS[..1], ""));
+    world.api.apply(http_slice("web-1", "web", &BACKENDS[..1]));
     let start = Instant::now();
     let mut statuses = Vec::new();
     let mut i = 0;
     while start.elapsed() < Duration::from_secs(6) {
         i += 1;
-        world.api.apply(service(
+        world.api.apply(service_with(
             "other",
             "10.96.0.20",
             &HTTP,

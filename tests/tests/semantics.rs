@@ -77,7 +77,7 @@ fn started(prefix: &str, service: &str, slice: &str) -> TestNode {
 }
 
 fn backend_of(node: &TestNode, to: &str) -> String {
-    reply_parts(&node.tcp(to, 1)[0]).0
+    reply_name(&node.tcp(to, 1)[0])
 }
 
 fn errno_of(node: &TestNode, to: &str) -> Value {
@@ -386,30 +386,13 @@ fn rule_20_hairpin_backend_reaches_itself_through_its_service() {
 
 #[test]
 fn rule_22_refusal_applies_to_new_flows_only() {
-    use std::io::{Read, Write};
     let node = started(
         "epti",
         &load_balancer(""),
         &endpoints(&[(BACKENDS[0], "node-1", "ready: true")]),
     );
-    let mut held = proxy_tests::ChildGuard::spawn(
-        host(&node.netns, Some(&node.cgroup))
-            .args([
-                "tcp",
-                "--to",
-                &format!("{VIP}:80"),
-                "--bind",
-                CLIENT,
-                "--stdin",
-                "--timeout-ms",
-                "10000",
-            ])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped()),
-    )
-    .unwrap();
-    let mut stdin = held.child_mut().stdin.take().unwrap();
-    writeln!(stdin, "before").unwrap();
+    let mut held = HeldConnection::open(&node, &format!("{VIP}:80"));
+    assert_eq!(held.echo("before")["echo"], "before");
 
     // No usable endpoint any more: new connections are refused...
     node.write(
@@ -422,19 +405,7 @@ fn rule_22_refusal_applies_to_new_flows_only() {
     });
     assert_eq!(errno_of(&node, &format!("{VIP}:80")), ECONNREFUSED);
     // ...and the established one is left alone.
-    writeln!(stdin, "after").unwrap();
-    drop(stdin);
-    let mut out = String::new();
-    held.child_mut()
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let echoes: Vec<&str> = out
-        .lines()
-        .filter(|line| line.contains("\"echo\""))
-        .collect();
-    assert_eq!(echoes.len(), 2, "{out}");
-    assert!(echoes[1].contains("after"), "{out}");
+    let after = held.echo("after");
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["echo"], "after");
 }

@@ -5,13 +5,12 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{Read, Write},
-    process::{Command, Stdio},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use proxy_tests::{ChildGuard, TempDir, agent_bin, host, json_lines};
+use proxy_tests::{TempDir, agent_bin, host, json_lines};
 use serde_json::Value;
 
 mod common;
@@ -24,7 +23,7 @@ fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
     node.write("web.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
         "web-slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
 
@@ -58,13 +57,13 @@ fn scenario_01_named_port_maps_to_the_slice_port_number() {
             slice(
                 "web",
                 &[("https", 8443, "TCP"), ("http", 8080, "TCP")],
-                &all_ready()[..1]
+                &BACKENDS[..1]
             )
         ),
     );
     node.start_agent();
     let result = &node.tcp(&format!("{VIP}:443"), 1)[0];
-    assert_eq!(reply_parts(result).0, "backend-1");
+    assert_eq!(reply_name(result), "backend-1");
     let rows = node.services();
     let https = rows
         .iter()
@@ -81,7 +80,7 @@ fn scenario_02_tcp_and_udp_on_one_port_are_independent() {
         "svc.yaml",
         &service("web", &[("web", 80, "TCP"), ("dns", 80, "UDP")], ""),
     );
-    node.write("slice.yaml", &slice("web", &ports, &all_ready()));
+    node.write("slice.yaml", &slice("web", &ports, &BACKENDS));
     node.start_agent();
 
     let to = format!("{VIP}:80");
@@ -113,7 +112,7 @@ fn unconnected_udp_replies_appear_to_come_from_the_frontend() {
     node.write("svc.yaml", &service("dns", &[("dns", 53, "UDP")], ""));
     node.write(
         "slice.yaml",
-        &slice("dns", &[("dns", 5353, "UDP")], &all_ready()),
+        &slice("dns", &[("dns", 5353, "UDP")], &BACKENDS),
     );
     node.start_agent();
 
@@ -144,9 +143,9 @@ fn rule_21_no_usable_endpoint_refuses_at_once() {
     let slice_text = slice(
         "web",
         &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
-        &[(BACKENDS[0], false)],
+        &BACKENDS[..1],
     )
-    .replace("{ready: false}", "{ready: false, serving: false}");
+    .replace("{ready: true}", "{ready: false, serving: false}");
     node.write("slice.yaml", &slice_text);
     node.start_agent();
 
@@ -162,7 +161,7 @@ fn rule_21_no_usable_endpoint_refuses_at_once() {
     // An endpoint becomes ready: connections succeed again.
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()[..1]),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS[..1]),
     );
     node.wait_for("a backend", |rows| {
         rows.iter()
@@ -182,7 +181,7 @@ fn rule_23_client_ip_affinity_sticks_then_spreads_without_it() {
     );
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
 
@@ -198,9 +197,9 @@ fn rule_23_client_ip_affinity_sticks_then_spreads_without_it() {
     // The chosen backend leaves the set: affinity never points outside it.
     let chosen = counts.keys().next().unwrap().clone();
     let index: usize = chosen.trim_start_matches("backend-").parse().unwrap();
-    let remaining: Vec<(&str, bool)> = all_ready()
+    let remaining: Vec<&str> = BACKENDS
         .into_iter()
-        .filter(|(addr, _)| *addr != BACKENDS[index - 1])
+        .filter(|addr| *addr != BACKENDS[index - 1])
         .collect();
     node.write(
         "slice.yaml",
@@ -230,7 +229,7 @@ fn rule_23_affinity_expires_after_its_timeout() {
     );
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
 
@@ -241,7 +240,7 @@ fn rule_23_affinity_expires_after_its_timeout() {
     let mut seen = BTreeMap::new();
     for _ in 0..7 {
         thread::sleep(Duration::from_millis(2100));
-        *seen.entry(reply_parts(&node.tcp(&to, 1)[0]).0).or_insert(0) += 1;
+        *seen.entry(reply_name(&node.tcp(&to, 1)[0])).or_insert(0) += 1;
     }
     assert!(seen.len() > 1, "affinity never expired: {seen:?}");
 }
@@ -252,55 +251,26 @@ fn rule_29_tcp_connection_survives_endpoint_removal() {
     node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()[..1]),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS[..1]),
     );
     node.start_agent();
 
-    let mut client = host(&node.netns, Some(&node.cgroup));
-    let mut client = ChildGuard::spawn(
-        client
-            .args([
-                "tcp",
-                "--to",
-                &format!("{VIP}:80"),
-                "--bind",
-                CLIENT,
-                "--stdin",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    )
-    .unwrap();
-    let mut stdin = client.child_mut().stdin.take().unwrap();
-    writeln!(stdin, "before").unwrap();
+    let mut held = HeldConnection::open(&node, &format!("{VIP}:80"));
+    assert_eq!(held.echo("before")["echo"], "before");
 
     // Rule 29: the backend leaves the set; the open connection keeps it.
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()[1..2]),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS[1..2]),
     );
     node.wait_for("the new backend", |rows| {
         rows[0]["backends"][0]["backend"]["addr"] == BACKENDS[1]
     });
-    writeln!(stdin, "after").unwrap();
-    drop(stdin);
-    let mut out = String::new();
-    client
-        .child_mut()
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let lines: Vec<Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let echoes: Vec<&Value> = lines.iter().filter(|l| l.get("echo").is_some()).collect();
-    assert_eq!(echoes.len(), 2, "{lines:?}");
-    assert_eq!(echoes[1]["echo"], "after");
+    let after = held.echo("after");
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["echo"], "after");
     assert_eq!(
-        reply_parts(&node.tcp(&format!("{VIP}:80"), 1)[0]).0,
+        reply_name(&node.tcp(&format!("{VIP}:80"), 1)[0]),
         "backend-2",
         "new flows use the new set"
     );
@@ -312,18 +282,18 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
     node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
     let to = format!("{VIP}:80");
     let before = node.services();
 
-    node.agent.as_mut().unwrap().kill();
+    node.agent_mut().kill();
     // Pinned programs and maps keep translating while no agent runs.
     assert!(node.tcp(&to, 10).iter().all(|r| r["ok"] == true));
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()[..2]),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS[..2]),
     );
     node.write(
         "gone.yaml",
@@ -346,7 +316,7 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
     assert_eq!(spread(&node.tcp(&to, 30)).len(), 2);
 
     // Deleted while down: removed on the next start.
-    node.agent.as_mut().unwrap().kill();
+    node.agent_mut().kill();
     fs::remove_file(node.manifests.path().join("gone.yaml")).unwrap();
     node.start_agent();
     node.wait_for("the deleted service to go", |rows| rows.len() == 1);
@@ -358,7 +328,7 @@ fn bad_manifest_is_logged_with_file_and_reason_and_the_rest_keeps_working() {
     node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
 
@@ -449,29 +419,13 @@ fn kill_9_restarts_under_load_fail_no_connection() {
     node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
     node.write(
         "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &all_ready()),
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
     node.start_agent();
     let to = format!("{VIP}:80");
 
     // One connection held open across every restart.
-    let mut held = ChildGuard::spawn(
-        host(&node.netns, Some(&node.cgroup))
-            .args([
-                "tcp",
-                "--to",
-                &to,
-                "--bind",
-                CLIENT,
-                "--stdin",
-                "--timeout-ms",
-                "10000",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped()),
-    )
-    .unwrap();
-    let mut held_stdin = held.child_mut().stdin.take().unwrap();
+    let mut held = HeldConnection::open(&node, &to);
 
     // Steady load: batches of new connections until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -497,22 +451,18 @@ fn kill_9_restarts_under_load_fail_no_connection() {
 
     for round in 0..5 {
         thread::sleep(Duration::from_millis(300));
-        node.agent.as_mut().unwrap().kill();
+        node.agent_mut().kill();
         thread::sleep(Duration::from_millis(300));
         node.start_agent();
-        writeln!(held_stdin, "after restart {round}").unwrap();
+        let echo = held.echo(&format!("after restart {round}"));
+        assert_eq!(
+            echo["ok"], true,
+            "the held connection broke at restart {round}: {echo}"
+        );
     }
     thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let results = load.join().unwrap();
-    drop(held_stdin);
-    let mut out = String::new();
-    held.child_mut()
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
 
     let failed: Vec<&Value> = results.iter().filter(|r| r["ok"] != true).collect();
     eprintln!(
@@ -532,8 +482,11 @@ fn kill_9_restarts_under_load_fail_no_connection() {
         results.len(),
         &failed[..failed.len().min(5)]
     );
-    let echoes = out.lines().filter(|line| line.contains("\"echo\"")).count();
-    assert_eq!(echoes, 5, "the held connection kept working: {out}");
+    assert_eq!(
+        held.echo("at the end")["echo"],
+        "at the end",
+        "the held connection kept working"
+    );
     // The links were replaced, not stacked: the kernel shows one program per hook.
     let out = Command::new("bpftool")
         .args(["-j", "cgroup", "show"])

@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    path::Path,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -22,6 +23,8 @@ use serde_json::Value;
 pub const CLIENT: &str = "10.244.0.2";
 pub const BACKENDS: [&str; 3] = ["10.244.0.11", "10.244.0.12", "10.244.0.13"];
 pub const VIP: &str = "10.96.0.10";
+/// The node the agent runs as (`--hostname-override`) and the endpoints' node.
+pub const NODE: &str = "node-1";
 pub const ECONNREFUSED: i64 = 111;
 pub const ENETUNREACH: i64 = 101;
 
@@ -40,7 +43,7 @@ impl TestNode {
     pub fn new(prefix: &str) -> TestNode {
         assert!(
             unsafe { libc::geteuid() } == 0,
-            "socket-level tests need root"
+            "these tests need root (network namespaces, cgroups, BPF)"
         );
         let netns = Netns::new(prefix).unwrap();
         for addr in std::iter::once(CLIENT).chain(BACKENDS) {
@@ -85,13 +88,14 @@ impl TestNode {
         fs::rename(&staging, self.manifests.path().join(file)).unwrap();
     }
 
+    /// Starts the agent on the manifests directory and waits for /healthz 200.
     pub fn start_agent(&mut self) {
         let agent = Agent::start(
             &self.netns,
             self.manifests.path(),
             self.cgroup.path(),
             self.pins.path(),
-            "node-1",
+            NODE,
         )
         .unwrap();
         agent
@@ -102,6 +106,10 @@ impl TestNode {
 
     pub fn agent(&self) -> &Agent {
         self.agent.as_ref().expect("agent started")
+    }
+
+    pub fn agent_mut(&mut self) -> &mut Agent {
+        self.agent.as_mut().expect("agent started")
     }
 
     /// A client inside the namespace and the cgroup.
@@ -130,75 +138,124 @@ impl TestNode {
 
     /// `ebpf-proxy services --output json`, read from the pins.
     pub fn services(&self) -> Vec<Value> {
-        let out = Command::new(agent_bin())
-            .args(["services", "--output", "json", "--bpffs"])
-            .arg(self.pins.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .clone()
+        services(self.pins.path())
     }
 
-    /// Waits until the datapath holds what `ready` accepts: the agent
-    /// applies manifest changes asynchronously.
-    pub fn wait_for(&self, what: &str, ready: impl Fn(&Vec<Value>) -> bool) {
+    /// Waits up to 10 s until the datapath holds what `ready` accepts: the
+    /// agent applies changes asynchronously.
+    pub fn wait_for(&self, what: &str, ready: impl Fn(&[Value]) -> bool) {
+        self.wait_for_within(what, Duration::from_secs(10), ready);
+    }
+
+    /// [`TestNode::wait_for`] with another timeout. Before the agent has
+    /// pinned its maps there is nothing to read, which is not ready yet.
+    pub fn wait_for_within(&self, what: &str, timeout: Duration, ready: impl Fn(&[Value]) -> bool) {
         let start = Instant::now();
         loop {
-            let services = self.services();
-            if ready(&services) {
+            let services = try_services(self.pins.path());
+            if services.as_deref().is_ok_and(&ready) {
                 return;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < timeout,
                 "timed out waiting for {what}; datapath: {services:#?}\nagent log:\n{}",
-                self.agent().log_tail(30)
+                self.agent().log_tail(40)
             );
             thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
-pub fn service(name: &str, ports: &[(&str, u16, &str)], extra_spec: &str) -> String {
-    let ports: Vec<String> = ports
-        .iter()
-        .map(|(port_name, port, proto)| {
-            format!("  - {{name: {port_name}, port: {port}, protocol: {proto}}}")
-        })
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  clusterIP: {VIP}\n{extra_spec}  ports:\n{}\n",
-        ports.join("\n")
-    )
+/// `ebpf-proxy services --output json --bpffs PINS`; `Err(stderr)` while
+/// the maps are not (all) pinned yet.
+pub fn try_services(pins: &Path) -> Result<Vec<Value>, String> {
+    let out = Command::new(agent_bin())
+        .args(["services", "--output", "json", "--bpffs"])
+        .arg(pins)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone())
 }
 
-pub fn slice(service: &str, ports: &[(&str, u16, &str)], endpoints: &[(&str, bool)]) -> String {
-    let ports: Vec<String> = ports
+/// [`try_services`], which must succeed.
+pub fn services(pins: &Path) -> Vec<Value> {
+    try_services(pins).unwrap_or_else(|stderr| panic!("{stderr}"))
+}
+
+/// `  - {name: http, port: 80, protocol: TCP}` lines. Ports are `u32` so
+/// that tests can write invalid ones.
+fn port_lines(ports: &[(&str, u32, &str)]) -> String {
+    let lines: Vec<String> = ports
         .iter()
         .map(|(name, port, proto)| format!("  - {{name: {name}, port: {port}, protocol: {proto}}}"))
         .collect();
-    let endpoints: Vec<String> = endpoints
-        .iter()
-        .map(|(addr, ready)| {
-            format!("  - {{addresses: [{addr}], conditions: {{ready: {ready}}}, nodeName: node-1}}")
-        })
-        .collect();
+    lines.join("\n")
+}
+
+/// A Service in namespace `demo` on [`VIP`]; `extra_spec` is spec lines.
+pub fn service(name: &str, ports: &[(&str, u32, &str)], extra_spec: &str) -> String {
+    service_with(name, VIP, ports, "", extra_spec)
+}
+
+/// A Service in namespace `demo` on `vip` with `labels` (`key: value, ...`,
+/// none if empty); `extra_spec` is spec lines.
+pub fn service_with(
+    name: &str,
+    vip: &str,
+    ports: &[(&str, u32, &str)],
+    labels: &str,
+    extra_spec: &str,
+) -> String {
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", labels: {{{labels}}}")
+    };
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-x1\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}}}\naddressType: IPv4\nports:\n{}\nendpoints:\n{}\n",
-        ports.join("\n"),
-        endpoints.join("\n")
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo{labels}}}\nspec:\n  clusterIP: {vip}\n{extra_spec}  ports:\n{}\n",
+        port_lines(ports)
     )
 }
 
-pub fn all_ready() -> Vec<(&'static str, bool)> {
-    BACKENDS.iter().map(|addr| (*addr, true)).collect()
+/// The EndpointSlice `<service>-x1` of `service` with ready endpoints on
+/// [`NODE`] at `addrs`.
+pub fn slice(service: &str, ports: &[(&str, u32, &str)], addrs: &[&str]) -> String {
+    slice_with(&format!("{service}-x1"), service, ports, addrs, "")
+}
+
+/// The EndpointSlice `name` of `service` with ready endpoints on [`NODE`]
+/// at `addrs` and `labels` (`key: value, ...`) besides the service name.
+pub fn slice_with(
+    name: &str,
+    service: &str,
+    ports: &[(&str, u32, &str)],
+    addrs: &[&str],
+    labels: &str,
+) -> String {
+    let endpoints: Vec<String> = addrs
+        .iter()
+        .map(|addr| {
+            format!("  - {{addresses: ['{addr}'], conditions: {{ready: true}}, nodeName: {NODE}}}")
+        })
+        .collect();
+    let labels = if labels.is_empty() {
+        String::new()
+    } else {
+        format!(", {labels}")
+    };
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}{labels}}}\naddressType: IPv4\nports:\n{}\nendpoints:{}\n{}\n",
+        port_lines(ports),
+        if endpoints.is_empty() { " []" } else { "" },
+        endpoints.join("\n")
+    )
 }
 
 /// "backend-2 10.244.0.2:40000" -> ("backend-2", "10.244.0.2")
@@ -210,10 +267,78 @@ pub fn reply_parts(result: &Value) -> (String, String) {
     (name.to_string(), peer_ip.to_string())
 }
 
+/// "backend-2 10.244.0.2:40000" -> "backend-2"
+pub fn reply_name(result: &Value) -> String {
+    reply_parts(result).0
+}
+
+/// How many replies each backend sent.
 pub fn spread(results: &[Value]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for result in results {
-        *counts.entry(reply_parts(result).0).or_insert(0) += 1;
+        *counts.entry(reply_name(result)).or_insert(0) += 1;
     }
     counts
+}
+
+/// One TCP connection from the client through a frontend, held open.
+/// `open` returns once the connection is established (the backend's
+/// greeting has arrived), so nothing a test changes afterwards can race
+/// the connect; `echo` sends a line and waits for the backend's echo.
+pub struct HeldConnection {
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    _client: ChildGuard,
+    /// `{"ok":true,"reply":"backend-N CLIENT:PORT",...}`.
+    pub greeting: Value,
+}
+
+impl HeldConnection {
+    pub fn open(node: &TestNode, to: &str) -> HeldConnection {
+        let mut client = ChildGuard::spawn(
+            host(&node.netns, Some(&node.cgroup))
+                .args([
+                    "tcp",
+                    "--to",
+                    to,
+                    "--bind",
+                    CLIENT,
+                    "--stdin",
+                    "--timeout-ms",
+                    "10000",
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        )
+        .unwrap();
+        let stdin = client.child_mut().stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(client.child_mut().stdout.take().unwrap());
+        let mut held = HeldConnection {
+            stdin,
+            stdout,
+            _client: client,
+            greeting: Value::Null,
+        };
+        held.greeting = held.next_line();
+        assert_eq!(
+            held.greeting["ok"], true,
+            "connecting to {to}: {}",
+            held.greeting
+        );
+        held
+    }
+
+    /// Sends `line`; the backend's answer (`{"ok":true,"echo":line}`).
+    pub fn echo(&mut self, line: &str) -> Value {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.next_line()
+    }
+
+    fn next_line(&mut self) -> Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON line: {line:?}"))
+    }
 }
