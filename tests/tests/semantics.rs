@@ -409,3 +409,23 @@ fn rule_22_refusal_applies_to_new_flows_only() {
     assert_eq!(after["ok"], true, "{after}");
     assert_eq!(after["echo"], "after");
 }
+
+#[test]
+fn rule_15_load_balancer_ip_with_source_ranges_is_left_to_the_balancer() {
+    // The socket has no source address at connect(), so ranges cannot be
+    // checked there: the LB IP is not intercepted (its traffic goes to the
+    // balancer, which enforces them); the other frontends are unaffected.
+    let ranges = "  loadBalancerSourceRanges: [203.0.113.0/24]\n";
+    let node = started(
+        "eptj",
+        &load_balancer(ranges),
+        &endpoints(&[(BACKENDS[0], "node-1", "ready: true")]),
+    );
+    assert_eq!(errno_of(&node, &format!("{LB_IP}:80")), ENETUNREACH);
+    assert_eq!(backend_of(&node, &format!("{VIP}:80")), "backend-1");
+    assert_eq!(
+        backend_of(&node, &format!("{NODE_IP}:{NODE_PORT}")),
+        "backend-1"
+    );
+    assert_eq!(backend_of(&node, &format!("{EXTERNAL_IP}:80")), "backend-1");
+}

@@ -98,6 +98,18 @@ struct PortEntries<'a> {
 }
 
 impl PortEntries<'_> {
+    /// The frontends the socket level programs. A LoadBalancer IP with
+    /// source ranges is left alone: at `connect()` the socket has no source
+    /// address yet, so the ranges cannot be checked, and translating would
+    /// let every pod through (rule 15). Its traffic goes to the balancer,
+    /// which enforces them.
+    fn programmed(&self) -> impl Iterator<Item = &FrontendPlan> {
+        self.plan
+            .frontends
+            .iter()
+            .filter(|frontend_plan| frontend_plan.source_ranges.is_empty())
+    }
+
     /// The backend ids of a selection, in slot order.
     fn slots(&self, selection: &Selection) -> Vec<u32> {
         selection
@@ -112,7 +124,7 @@ impl PortEntries<'_> {
     /// affinity exactly when they share a set (rules 19, 23).
     fn selections(&self) -> Vec<&[BackendAddr]> {
         let mut selections: Vec<&[BackendAddr]> = Vec::new();
-        for frontend in &self.plan.frontends {
+        for frontend in self.programmed() {
             let backends = frontend.internal.backends.as_slice();
             if !selections.contains(&backends) {
                 selections.push(backends);
@@ -265,7 +277,7 @@ impl<D: Datapath> Reconciler<D> {
             .filter(|id| !self.backends.contains_key(id))
             .count();
         let mut new_services = 0;
-        for frontend_plan in &port.plan.frontends {
+        for frontend_plan in port.programmed() {
             let backends = frontend_plan.internal.backends.len();
             if backends > usize::from(u16::MAX) {
                 return Err(OverCapacity {
@@ -336,7 +348,7 @@ impl<D: Datapath> Reconciler<D> {
                 self.affinity_match.insert(pair);
             }
         }
-        for frontend_plan in &port.plan.frontends {
+        for frontend_plan in port.programmed() {
             self.write_frontend(frontend_plan, port, report)?;
         }
         Ok(())
@@ -519,9 +531,7 @@ impl Wanted {
         for port in entries {
             wanted.svc_ids.insert(port.svc_id);
             wanted.masters.extend(
-                port.plan
-                    .frontends
-                    .iter()
+                port.programmed()
                     .map(|frontend_plan| codec::service_key(&frontend_plan.frontend, 0)),
             );
             wanted.backend_ids.extend(port.backend_ids.values());

@@ -661,3 +661,49 @@ fn port_too_large_for_the_maps_is_refused_whole_and_others_are_programmed() {
         Some(3)
     );
 }
+
+#[test]
+fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
+    let lb_ip = Frontend {
+        addr: Ipv4Addr::new(198, 51, 100, 10),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let mut with_ranges = frontend_plan(
+        lb_ip,
+        FrontendKind::LoadBalancer,
+        selection(&[11], WhenEmpty::Reject),
+    );
+    with_ranges.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    let state = desired(&[(
+        "web",
+        ServicePortPlan {
+            frontends: vec![
+                frontend_plan(
+                    frontend(10),
+                    FrontendKind::ClusterIp,
+                    selection(&[11], WhenEmpty::Reject),
+                ),
+                with_ranges.clone(),
+            ],
+            affinity_timeout: None,
+        },
+    )]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    assert!(reconciler.sync(&state).is_complete());
+    assert_eq!(
+        backends_of(reconciler.datapath(), 10),
+        Some(vec![backend(11)])
+    );
+    assert_eq!(backends_at(reconciler.datapath(), &lb_ip), None);
+
+    // Without ranges the same frontend is programmed.
+    with_ranges.source_ranges.clear();
+    let mut state = state;
+    state.ports.get_mut(&port_name("web")).unwrap().frontends[1] = with_ranges;
+    reconciler.sync(&state);
+    assert_eq!(
+        backends_at(reconciler.datapath(), &lb_ip),
+        Some(vec![backend(11)])
+    );
+}
