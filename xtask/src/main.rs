@@ -5,7 +5,10 @@
 //! - `build-ebpf`: builds the eBPF object the way aya-build does.
 //! - `test`: setup, build, `cargo test`, then the demo.
 //! - `demo`: a one-node cluster in network namespaces, served by the agent.
+//! - `bench`: the performance yardsticks, side by side with kube-proxy's
+//!   iptables and nftables layouts (release build).
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -18,7 +21,7 @@ use std::{
 };
 
 #[derive(Parser)]
-#[command(about = "Project tasks: setup, build-ebpf, test, demo")]
+#[command(about = "Project tasks: setup, build-ebpf, test, demo, bench")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -47,6 +50,32 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         requests: u32,
     },
+    /// Benchmarks: connection rate vs. direct, iptables and nftables
+    /// layouts (N = 1, 1k, 10k services); control plane at 10k services.
+    Bench {
+        /// Shorter: N = 1 and 1000, 1 s per run.
+        #[arg(long)]
+        quick: bool,
+        /// Print the results as one JSON document instead of the report.
+        #[arg(long)]
+        json: bool,
+        /// Client threads per connection-rate run.
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
+        /// Interleaved rounds per layout, the median is reported
+        /// (default 5, --quick 3).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Seconds per connection-rate run (default 1.5, --quick 1).
+        #[arg(long)]
+        seconds: Option<f64>,
+        /// Also measure the iptables layout through iptables-legacy.
+        #[arg(long)]
+        iptables_legacy: bool,
+        /// Only the connection rate.
+        #[arg(long)]
+        skip_control_plane: bool,
+    },
 }
 
 fn main() {
@@ -56,6 +85,23 @@ fn main() {
         Cmd::BuildEbpf => build_ebpf().map(|obj| println!("{}", obj.display())),
         Cmd::Test { skip_demo, args } => test(skip_demo, &args),
         Cmd::Demo { requests } => demo::demo(requests),
+        Cmd::Bench {
+            quick,
+            json,
+            parallel,
+            rounds,
+            seconds,
+            iptables_legacy,
+            skip_control_plane,
+        } => bench::bench(bench::Options {
+            quick,
+            json,
+            parallel,
+            rounds: rounds.map(|r| r.max(1)),
+            seconds,
+            iptables_legacy,
+            skip_control_plane,
+        }),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -10,7 +10,16 @@ use std::{
 };
 
 /// LLVM 22 matches the nightly's LLVM (bpf-linker links against it).
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2"];
+/// iptables and nftables: `cargo xtask bench` compares against kube-proxy's
+/// rule layouts (loaded inside the bench's own namespaces only).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "iptables",
+    "nftables",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const CGROUP2_MOUNT: &str = "/sys/fs/cgroup/unified";
 

@@ -94,6 +94,28 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
+    /// Connection rate: for DURATION_MS (or until COUNT connections) each of
+    /// PARALLEL threads connects, reads the greeting line and closes, over
+    /// and over (targets in turn). Prints one JSON summary line: rate,
+    /// connect() latency percentiles, errors, answers per backend name.
+    ConnectRate {
+        /// Target; repeat to use several in turn.
+        #[arg(long, required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 2000)]
+        duration_ms: u64,
+        /// Stop after this many connection attempts (all threads together).
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        parallel: u32,
+        /// Per connect() and per greeting read.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Close with FIN (leaves TIME_WAIT behind) instead of RST (SO_LINGER 0).
+        #[arg(long)]
+        fin: bool,
+    },
 }
 
 fn parse_bind(s: &str) -> Result<SocketAddr, String> {
@@ -187,6 +209,25 @@ fn main() -> Result<()> {
                 };
                 println!("{v}");
             }
+            Ok(())
+        }
+        Cmd::ConnectRate {
+            to,
+            duration_ms,
+            count,
+            parallel,
+            timeout_ms,
+            fin,
+        } => {
+            let v = connect_rate(
+                &to,
+                Duration::from_millis(duration_ms),
+                count,
+                parallel.max(1),
+                Duration::from_millis(timeout_ms),
+                fin,
+            );
+            println!("{v}");
             Ok(())
         }
     }
@@ -498,4 +539,151 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+// ---------------------------------------------------------- connect-rate
+
+/// What one connect-rate thread saw.
+#[derive(Default)]
+struct RateTally {
+    /// connect() durations of successful connections, in ns.
+    connect_ns: Vec<u32>,
+    /// socket() to close() durations of successful connections, in ns.
+    cycle_ns: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+    /// Successful connections per first word of the greeting.
+    backends: std::collections::BTreeMap<String, u64>,
+}
+
+/// Upper bound of samples kept per thread (memory stays bounded; the
+/// loop itself is bounded by the duration).
+const MAX_SAMPLES: usize = 20_000_000;
+
+fn connect_rate(
+    to: &[SocketAddr],
+    duration: Duration,
+    count: Option<u64>,
+    parallel: u32,
+    timeout: Duration,
+    fin: bool,
+) -> Value {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+    let started = AtomicU64::new(0);
+    let begin = Instant::now();
+    let deadline = begin + duration;
+    let tallies: Vec<RateTally> = thread::scope(|scope| {
+        let handles: Vec<_> = (0..parallel)
+            .map(|t| {
+                let started = &started;
+                scope.spawn(move || {
+                    let mut tally = RateTally::default();
+                    let mut i = t as usize;
+                    while Instant::now() < deadline && tally.connect_ns.len() < MAX_SAMPLES {
+                        if let Some(limit) = count
+                            && started.fetch_add(1, Ordering::Relaxed) >= limit
+                        {
+                            break;
+                        }
+                        let target = to[i % to.len()];
+                        i += 1;
+                        match connect_once(target, timeout, fin) {
+                            Ok((connect, cycle, name)) => {
+                                tally.connect_ns.push(connect);
+                                tally.cycle_ns.push(cycle);
+                                *tally.backends.entry(name).or_default() += 1;
+                            }
+                            Err(e) => {
+                                tally.errors += 1;
+                                tally
+                                    .first_error
+                                    .get_or_insert_with(|| format!("{target}: {e}"));
+                            }
+                        }
+                    }
+                    tally
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let elapsed = begin.elapsed().as_secs_f64();
+    let mut connect_ns = Vec::new();
+    let mut cycle_ns = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut backends = std::collections::BTreeMap::<String, u64>::new();
+    for t in tallies {
+        connect_ns.extend(t.connect_ns);
+        cycle_ns.extend(t.cycle_ns);
+        errors += t.errors;
+        first_error = first_error.or(t.first_error);
+        for (name, n) in t.backends {
+            *backends.entry(name).or_default() += n;
+        }
+    }
+    connect_ns.sort_unstable();
+    cycle_ns.sort_unstable();
+    let us = |v: &[u32], q: f64| -> Value {
+        if v.is_empty() {
+            return Value::Null;
+        }
+        let i = ((v.len() as f64 - 1.0) * q).round() as usize;
+        json!(f64::from(v[i]) / 1000.0)
+    };
+    let connections = connect_ns.len() as u64;
+    json!({
+        "ok": connections > 0,
+        "connections": connections,
+        "errors": errors,
+        "first_error": first_error,
+        "elapsed_s": elapsed,
+        "parallel": parallel,
+        "rate": connections as f64 / elapsed.max(1e-9),
+        "connect_p50_us": us(&connect_ns, 0.50),
+        "connect_p99_us": us(&connect_ns, 0.99),
+        "cycle_p50_us": us(&cycle_ns, 0.50),
+        "cycle_p99_us": us(&cycle_ns, 0.99),
+        "backends": backends,
+    })
+}
+
+/// socket, connect (timed), read the greeting line, close. Returns the
+/// connect and whole-cycle durations in ns and the greeting's first word.
+fn connect_once(to: SocketAddr, timeout: Duration, fin: bool) -> io::Result<(u32, u32, String)> {
+    let begin = std::time::Instant::now();
+    let sock = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    // On Linux SO_SNDTIMEO bounds a blocking connect() too.
+    sock.set_write_timeout(Some(timeout))?;
+    sock.set_read_timeout(Some(timeout))?;
+    if !fin {
+        sock.set_linger(Some(Duration::ZERO))?;
+    }
+    let t = std::time::Instant::now();
+    sock.connect(&to.into())?;
+    let connect = t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    while !buf[..len].contains(&b'\n') && len < buf.len() {
+        let n = (&sock).read(&mut buf[len..])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the greeting",
+            ));
+        }
+        len += n;
+    }
+    drop(sock);
+    let cycle = begin.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32;
+    let name = String::from_utf8_lossy(&buf[..len])
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    Ok((connect, cycle, name))
 }
