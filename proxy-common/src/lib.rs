@@ -37,13 +37,16 @@ pub mod map_names {
 }
 
 /// Capacities. Changing one changes the pinned map's definition: an agent
-/// with a different size refuses to reuse the old pin.
+/// with a different size refuses to reuse the old pin. The maps the agent
+/// writes are allocated on demand (not preallocated), so a large capacity
+/// costs kernel memory only as it fills.
 pub mod map_sizes {
-    /// Frontend slots: one master entry per frontend plus one per backend.
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 65_536;
+    /// One master entry per frontend, one per backend slot, and the rule 9
+    /// entries (two per ClusterIP): 10k services x 10 endpoints need ~140k.
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
-    pub const AFFINITY_MATCH: u32 = 65_536;
+    pub const AFFINITY_MATCH: u32 = 262_144;
     /// One entry per translated socket and backend; LRU evicts the oldest.
     pub const SOCK_REV_NAT: u32 = 262_144;
     pub const COUNTERS: u32 = super::Counter::COUNT;

@@ -3,26 +3,36 @@
 //! is its only writer, except for the LRU tables the programs fill.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, map_sizes,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, map_sizes,
 };
+
+/// Maps only the agent writes are allocated as they fill: their capacity
+/// is sized for large clusters without reserving that memory up front.
+const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
 
 /// Frontends. `{addr, port, proto, slot 0}` is the master entry of a
 /// frontend (backend count, service-port id, affinity timeout); slots
 /// `1..=count` hold the ids of the selected backends. Written slots first,
 /// master last, so a reader never sees a count beyond the written slots.
 #[btf_map(name = "lb4_services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { map_sizes::SERVICES as usize }> =
-    HashMap::new();
+pub static SERVICES: HashMap<
+    ServiceKey,
+    ServiceValue,
+    { map_sizes::SERVICES as usize },
+    { ON_DEMAND },
+> = HashMap::new();
 
 /// Backends by id. Ids are allocated by the agent, never 0, and stay the
 /// same for an address:port:proto across agent restarts.
 #[btf_map(name = "lb4_backends")]
-pub static BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS as usize }, { ON_DEMAND }> =
+    HashMap::new();
 
 /// ClientIP session affinity: the backend a client last got for a service
 /// port, and when. Filled by the programs; LRU bounds it.
@@ -33,8 +43,12 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { map_sizes::AFFINIT
 /// `{backend id, service-port id}` pairs of the currently selected sets.
 /// An affinity entry whose pair is missing is ignored.
 #[btf_map(name = "lb_aff_match")]
-pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8, { map_sizes::AFFINITY_MATCH as usize }> =
-    HashMap::new();
+pub static AFFINITY_MATCH: HashMap<
+    AffinityMatchKey,
+    u8,
+    { map_sizes::AFFINITY_MATCH as usize },
+    { ON_DEMAND },
+> = HashMap::new();
 
 /// Socket-level reverse NAT: which frontend a socket addressed before it was
 /// sent to a backend. Filled by connect4/sendmsg4; read by recvmsg4 and

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue,
-    SockRevNatKey, SockRevNatValue, proto, service_flags,
+    AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, proto, service_flags,
 };
 
 use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, COUNTERS, SERVICES, SOCK_REV_NAT};
@@ -119,7 +119,10 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
 /// address passes untouched.
 #[inline(always)]
 fn reject_undefined_port(addr: u32, protocol: u8) -> i32 {
-    if SERVICES.get_ptr(ServiceKey::new(addr, 0, protocol, 0)).is_none() {
+    if SERVICES
+        .get_ptr(ServiceKey::new(addr, 0, protocol, 0))
+        .is_none()
+    {
         return PROCEED;
     }
     count(Counter::RejectedNoBackend);
@@ -140,7 +143,11 @@ fn refuse_inconsistent() -> i32 {
 /// and still points into the set this frontend selects (rule 23), otherwise
 /// a uniform pick.
 #[inline(always)]
-fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &ServiceValue) -> Option<u32> {
+fn select_backend(
+    ctx: &SockAddrContext,
+    master_key: &ServiceKey,
+    master: &ServiceValue,
+) -> Option<u32> {
     if master.affinity_timeout == 0 {
         return pick_slot(master_key, master.count);
     }
@@ -184,8 +191,13 @@ fn select_backend(ctx: &SockAddrContext, master_key: &ServiceKey, master: &Servi
 fn pick_slot(master_key: &ServiceKey, count: u16) -> Option<u32> {
     let random = unsafe { bpf_get_prandom_u32() } as u64;
     let slot = ((random * count as u64) >> 32) as u16 + 1;
-    let slot_key = ServiceKey { slot, ..*master_key };
-    SERVICES.get_ptr(slot_key).map(|value| unsafe { (*value).backend_id })
+    let slot_key = ServiceKey {
+        slot,
+        ..*master_key
+    };
+    SERVICES
+        .get_ptr(slot_key)
+        .map(|value| unsafe { (*value).backend_id })
 }
 
 /// Backend -> frontend, for sockets this program translated.

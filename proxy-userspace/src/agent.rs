@@ -288,8 +288,19 @@ fn log_report(report: &SyncReport, service_ports: usize) {
     for (port, err) in &report.failed {
         tracing::error!(service_port = %port, error = %err, "programming failed; keeps its previous state, retrying");
     }
-    for (port, over) in &report.over_capacity {
-        tracing::error!(service_port = %port, reason = %over, "service port too large for the maps; not programmed");
+    if !report.over_capacity.is_empty() || report.wildcards_over_capacity > 0 {
+        let examples: Vec<String> = report
+            .over_capacity
+            .iter()
+            .take(3)
+            .map(|(port, over)| format!("{port} ({over})"))
+            .collect();
+        tracing::error!(
+            service_ports = report.over_capacity.len(),
+            cluster_ips = report.wildcards_over_capacity,
+            examples = %examples.join("; "),
+            "not programmed: the maps have no room left"
+        );
     }
     for (cluster_ip, err) in &report.failed_wildcards {
         tracing::error!(%cluster_ip, error = %err, "refusing undefined ports failed; retrying");

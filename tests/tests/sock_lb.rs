@@ -383,6 +383,15 @@ fn maps_dump_with_field_names() {
         );
     }
     assert_eq!(formatted["value"]["count"], 0);
+    // Written by the agent only: allocated on demand, not preallocated.
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(node.pins.path().join("maps/lb4_services"))
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["flags"], 1, "BPF_F_NO_PREALLOC: {info}");
+    assert_eq!(info["max_entries"], 262_144);
 }
 
 #[test]

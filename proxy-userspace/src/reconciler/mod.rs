@@ -57,6 +57,8 @@ pub struct SyncReport {
     /// them was written (what they had stays). Not retried until the next
     /// change: retrying cannot make room.
     pub over_capacity: Vec<(ServicePortName, OverCapacity)>,
+    /// Rule 9 entries skipped because the services map is full.
+    pub wildcards_over_capacity: usize,
 }
 
 /// A service port needs more entries of `map` than are free.
@@ -79,6 +81,7 @@ impl SyncReport {
     pub fn is_noop(&self) -> bool {
         self.is_complete()
             && self.over_capacity.is_empty()
+            && self.wildcards_over_capacity == 0
             && self.frontends_written == 0
             && self.frontends_deleted == 0
             && self.backends_added == 0
@@ -376,8 +379,14 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
-    /// Rule 9: no slots, no service-port id, count 0 (refuse).
+    /// Rule 9: no slots, no service-port id, count 0 (refuse). Skipped,
+    /// like a port, when the services map has no room left.
     fn write_wildcard(&mut self, key: ServiceKey, report: &mut SyncReport) {
+        let full = self.services.len() >= self.datapath.capacity().services;
+        if full && !self.services.contains_key(&key) {
+            report.wildcards_over_capacity += 1;
+            return;
+        }
         match self.write_master(key, ServiceValue::master(0, 0, 0, 0, 0), &[]) {
             Ok(true) => report.wildcards_written += 1,
             Ok(false) => {}

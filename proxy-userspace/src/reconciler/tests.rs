@@ -707,3 +707,28 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
         Some(vec![backend(11)])
     );
 }
+
+#[test]
+fn rule_09_wildcards_that_do_not_fit_are_skipped_not_retried() {
+    // Room for the service port (master + slot) but not its two wildcards.
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 2,
+            backends: 10,
+            affinity_match: 10,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    let report = reconciler.sync(&with_cluster_ips(
+        desired(&[("web", plan(10, &[11], None))]),
+        &[10],
+    ));
+    assert!(report.is_complete(), "no retry loop: {report:?}");
+    assert!(report.failed_wildcards.is_empty());
+    assert_eq!(report.wildcards_over_capacity, 2);
+    assert_eq!(
+        backends_of(reconciler.datapath(), 10),
+        Some(vec![backend(11)])
+    );
+}

@@ -185,7 +185,9 @@ impl ManifestsSource {
     pub fn poll(&mut self) -> Result<Poll> {
         let mut poll = Poll::default();
         let present = self.list_files()?;
+        let known_before = self.files.len();
         self.files.retain(|path, _| present.contains_key(path));
+        let mut changed = self.files.len() != known_before;
         for (path, fingerprint) in present {
             let known = self.files.get(&path);
             if known
@@ -201,6 +203,7 @@ impl ManifestsSource {
                 state.fingerprint = fingerprint;
                 continue;
             }
+            changed = true;
             let previous = self.files.remove(&path).map(|state| state.objects);
             let text = text.with_context(|| format!("reading {}", path.display()));
             let objects = load_file(
@@ -217,6 +220,10 @@ impl ManifestsSource {
                     objects,
                 },
             );
+        }
+        // Rebuilding is O(objects): only when a file changed (or at first).
+        if !changed && self.last.is_some() {
+            return Ok(poll);
         }
         let snapshot = self.snapshot(&mut poll.problems);
         if self.last.as_ref() != Some(&snapshot) {
@@ -311,8 +318,8 @@ fn load_file(
             severity,
         })
     };
-    let documents = match text.and_then(|text| read_documents(&text)) {
-        Ok(documents) => documents,
+    let text = match text {
+        Ok(text) => text,
         Err(err) => {
             report(
                 None,
@@ -322,19 +329,37 @@ fn load_file(
             return previous;
         }
     };
+    // Documents are parsed and validated one at a time, so a large file is
+    // never held as a whole tree; a syntax error anywhere discards what was
+    // read of this version and keeps the previous one.
     let mut objects = BTreeMap::new();
-    for (index, document) in documents.into_iter().enumerate() {
+    let mut findings = Vec::new();
+    // JSON is YAML, so one parser reads both.
+    for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let document = match serde_yaml::Value::deserialize(document) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(document) => document,
+            Err(err) => {
+                report(
+                    None,
+                    format!("not valid YAML or JSON: {err}; keeping what the file last gave"),
+                    Severity::Invalid,
+                );
+                return previous;
+            }
+        };
         for item in flatten_lists(document) {
             let id = object_id(&item);
-            match parse_object(&item) {
+            match parse_object(item) {
+                Ok((id, Parsed::Ignored(reason))) => {
+                    findings.push((
+                        Some(id.clone()),
+                        format!("ignored: {reason}"),
+                        Severity::Ignored,
+                    ));
+                    objects.insert(id, Parsed::Ignored(reason));
+                }
                 Ok((id, parsed)) => {
-                    if let Parsed::Ignored(reason) = &parsed {
-                        report(
-                            Some(id.clone()),
-                            format!("ignored: {reason}"),
-                            Severity::Ignored,
-                        );
-                    }
                     objects.insert(id, parsed);
                 }
                 Err(err) => {
@@ -344,17 +369,20 @@ fn load_file(
                     } else {
                         "; skipped"
                     };
-                    report(
+                    findings.push((
                         id.clone(),
                         format!("document {}: {err:#}{suffix}", index + 1),
                         Severity::Invalid,
-                    );
+                    ));
                     if let Some((id, parsed)) = kept {
                         objects.insert(id.clone(), parsed.clone());
                     }
                 }
             }
         }
+    }
+    for (object, reason, severity) in findings {
+        report(object, reason, severity);
     }
     objects
 }
@@ -366,22 +394,16 @@ fn hash(text: &str) -> u64 {
     hasher.finish()
 }
 
-fn read_documents(text: &str) -> Result<Vec<serde_yaml::Value>> {
-    // JSON is YAML, so one parser reads both.
-    serde_yaml::Deserializer::from_str(text)
-        .map(serde_yaml::Value::deserialize)
-        .filter(|doc| !matches!(doc, Ok(serde_yaml::Value::Null)))
-        .collect::<Result<Vec<_>, _>>()
-        .context("not valid YAML or JSON")
-}
-
 /// `kind: List` (what `kubectl get -o yaml` writes) holds its objects in
 /// `items`.
 fn flatten_lists(document: serde_yaml::Value) -> Vec<serde_yaml::Value> {
     if document.get("kind").and_then(|k| k.as_str()) == Some("List")
-        && let Some(serde_yaml::Value::Sequence(items)) = document.get("items")
+        && let serde_yaml::Value::Mapping(mut list) = document
     {
-        return items.clone();
+        return match list.remove("items") {
+            Some(serde_yaml::Value::Sequence(items)) => items,
+            _ => Vec::new(),
+        };
     }
     vec![document]
 }
@@ -401,18 +423,21 @@ fn object_id(item: &serde_yaml::Value) -> Option<ObjectId> {
     })
 }
 
-fn typed<T: serde::de::DeserializeOwned>(item: &serde_yaml::Value) -> Result<T> {
-    serde_yaml::from_value(item.clone()).context("does not match the API schema")
+fn typed<T: serde::de::DeserializeOwned>(item: serde_yaml::Value) -> Result<T> {
+    serde_yaml::from_value(item).context("does not match the API schema")
 }
 
 /// One object: its identity and validated content, or why it is rejected.
-fn parse_object(item: &serde_yaml::Value) -> Result<(ObjectId, Parsed)> {
-    let api_version = item
-        .get("apiVersion")
-        .and_then(|v| v.as_str())
-        .unwrap_or("");
-    let kind = item.get("kind").and_then(|v| v.as_str()).unwrap_or("");
-    let parsed = match (api_version, kind) {
+fn parse_object(item: serde_yaml::Value) -> Result<(ObjectId, Parsed)> {
+    let text = |field: &str| {
+        item.get(field)
+            .and_then(|value| value.as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let (api_version, kind) = (text("apiVersion"), text("kind"));
+    let id = object_id(&item);
+    let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => match objects::service(&typed::<Service>(item)?)? {
             Admission::Proxied(service) => Parsed::Service(service),
             Admission::Ignored(reason) => Parsed::Ignored(reason),
@@ -436,8 +461,7 @@ fn parse_object(item: &serde_yaml::Value) -> Result<(ObjectId, Parsed)> {
              Endpoints or Node, or discovery.k8s.io/v1 EndpointSlice"
         ),
     };
-    let id = object_id(item).context("missing metadata.name")?;
-    Ok((id, parsed))
+    Ok((id.context("missing metadata.name")?, parsed))
 }
 
 #[cfg(test)]
