@@ -19,13 +19,16 @@ use common::*;
 
 #[test]
 fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
-    let mut node = TestNode::new("epsa");
-    node.write("web.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.write(
-        "web-slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    let node = TestNode::serving(
+        "epsa",
+        &[
+            ("web.yaml", &service("web", &[("http", 80, "TCP")], "")),
+            (
+                "web-slice.yaml",
+                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+            ),
+        ],
     );
-    node.start_agent();
 
     let results = node.tcp(&format!("{VIP}:80"), 100);
     for result in &results {
@@ -48,20 +51,21 @@ fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
 
 #[test]
 fn scenario_01_named_port_maps_to_the_slice_port_number() {
-    let mut node = TestNode::new("epsb");
-    node.write(
-        "svc.yaml",
-        &format!(
-            "{}---\n{}",
-            service("web", &[("http", 80, "TCP"), ("https", 443, "TCP")], ""),
-            slice(
-                "web",
-                &[("https", 8443, "TCP"), ("http", 8080, "TCP")],
-                &BACKENDS[..1]
-            )
-        ),
+    let node = TestNode::serving(
+        "epsb",
+        &[(
+            "svc.yaml",
+            &format!(
+                "{}---\n{}",
+                service("web", &[("http", 80, "TCP"), ("https", 443, "TCP")], ""),
+                slice(
+                    "web",
+                    &[("https", 8443, "TCP"), ("http", 8080, "TCP")],
+                    &BACKENDS[..1]
+                )
+            ),
+        )],
     );
-    node.start_agent();
     let result = &node.tcp(&format!("{VIP}:443"), 1)[0];
     assert_eq!(reply_name(result), "backend-1");
     let rows = node.services();
@@ -108,13 +112,16 @@ fn scenario_02_tcp_and_udp_on_one_port_are_independent() {
 
 #[test]
 fn unconnected_udp_replies_appear_to_come_from_the_frontend() {
-    let mut node = TestNode::new("epsd");
-    node.write("svc.yaml", &service("dns", &[("dns", 53, "UDP")], ""));
-    node.write(
-        "slice.yaml",
-        &slice("dns", &[("dns", 5353, "UDP")], &BACKENDS),
+    let node = TestNode::serving(
+        "epsd",
+        &[
+            ("svc.yaml", &service("dns", &[("dns", 53, "UDP")], "")),
+            (
+                "slice.yaml",
+                &slice("dns", &[("dns", 5353, "UDP")], &BACKENDS),
+            ),
+        ],
     );
-    node.start_agent();
 
     let to = format!("{VIP}:53");
     for result in node.udp(&to, 10, &[]) {
@@ -247,13 +254,16 @@ fn rule_23_affinity_expires_after_its_timeout() {
 
 #[test]
 fn rule_29_tcp_connection_survives_endpoint_removal() {
-    let mut node = TestNode::new("epsh");
-    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.write(
-        "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS[..1]),
+    let node = TestNode::serving(
+        "epsh",
+        &[
+            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
+            (
+                "slice.yaml",
+                &slice("web", &[("http", 8080, "TCP")], &BACKENDS[..1]),
+            ),
+        ],
     );
-    node.start_agent();
 
     let mut held = HeldConnection::open(&node, &format!("{VIP}:80"));
     assert_eq!(held.echo("before")["echo"], "before");
@@ -278,13 +288,16 @@ fn rule_29_tcp_connection_survives_endpoint_removal() {
 
 #[test]
 fn restart_keeps_serving_and_applies_changes_made_while_down() {
-    let mut node = TestNode::new("epsi");
-    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.write(
-        "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    let mut node = TestNode::serving(
+        "epsi",
+        &[
+            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
+            (
+                "slice.yaml",
+                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+            ),
+        ],
     );
-    node.start_agent();
     let to = format!("{VIP}:80");
     let before = node.services();
 
@@ -324,13 +337,16 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
 
 #[test]
 fn bad_manifest_is_logged_with_file_and_reason_and_the_rest_keeps_working() {
-    let mut node = TestNode::new("epsj");
-    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.write(
-        "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    let node = TestNode::serving(
+        "epsj",
+        &[
+            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
+            (
+                "slice.yaml",
+                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+            ),
+        ],
     );
-    node.start_agent();
 
     node.write(
         "svc.yaml",
@@ -361,9 +377,10 @@ fn bad_manifest_is_logged_with_file_and_reason_and_the_rest_keeps_working() {
 
 #[test]
 fn maps_dump_with_field_names() {
-    let mut node = TestNode::new("epsk");
-    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.start_agent();
+    let node = TestNode::serving(
+        "epsk",
+        &[("svc.yaml", &service("web", &[("http", 80, "TCP")], ""))],
+    );
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(node.pins.path().join("maps/lb4_services"))
@@ -424,13 +441,16 @@ fn agent_without_cgroup2_or_bpffs_exits_with_advice() {
 
 #[test]
 fn kill_9_restarts_under_load_fail_no_connection() {
-    let mut node = TestNode::new("epsm");
-    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
-    node.write(
-        "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    let mut node = TestNode::serving(
+        "epsm",
+        &[
+            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
+            (
+                "slice.yaml",
+                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+            ),
+        ],
     );
-    node.start_agent();
     let to = format!("{VIP}:80");
 
     // One connection held open across every restart.

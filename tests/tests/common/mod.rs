@@ -80,6 +80,17 @@ impl TestNode {
         }
     }
 
+    /// A node whose manifests directory holds `files` (name, text), with
+    /// its agent started and healthy.
+    pub fn serving(prefix: &str, files: &[(&str, &str)]) -> TestNode {
+        let mut node = TestNode::new(prefix);
+        for (file, text) in files {
+            node.write(file, text);
+        }
+        node.start_agent();
+        node
+    }
+
     pub fn write(&self, file: &str, text: &str) {
         // Write then rename, as editors and ConfigMap volumes do: the agent
         // never reads half a file.
