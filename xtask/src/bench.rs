@@ -24,6 +24,15 @@
 //!    agent logged the sync that wrote it), agent memory, and the agent's
 //!    sync-duration metric. When 10k x 10 never becomes healthy, 5k x 10 is
 //!    measured too.
+//! 3. Control plane from the API server: the same objects as Values in the
+//!    API server double (`proxy_tests::apiserver`) inside the agent's
+//!    namespace, the agent on `--kubeconfig`: start to `/healthz` 200 (and
+//!    whether every frontend and backend was programmed then), one
+//!    EndpointSlice change applied to the double until `services` shows it,
+//!    memory, the sync metrics; at 10k x 10 and 5k x 10.
+//!
+//! `--only-control-plane` skips section 1; `--control-plane-source
+//! manifests|kube` runs only section 2 or 3.
 //!
 //! Our processes run at nice -10 (inherited from here) so that other work
 //! on a shared machine disturbs them less; the report shows the load.
@@ -39,8 +48,8 @@
 use crate::{cargo, run, setup, target_dir};
 use anyhow::{Context, Result, bail};
 use proxy_tests::{
-    Cgroup, ChildGuard, Netns, PinDir, TempDir, host, json_lines, remove_leftovers, run_checked,
-    start_server, unique_name,
+    Cgroup, ChildGuard, Netns, PinDir, TempDir, apiserver::ApiServer, host, json_lines,
+    remove_leftovers, run_checked, start_server, unique_name,
 };
 use serde_json::{Value, json};
 use std::{
@@ -73,6 +82,20 @@ pub struct Options {
     pub seconds: Option<f64>,
     pub iptables_legacy: bool,
     pub skip_control_plane: bool,
+    /// Skip the connection rate (section 1).
+    pub only_control_plane: bool,
+    pub control_plane_source: ControlPlaneSource,
+}
+
+/// Which control-plane sections run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ControlPlaneSource {
+    /// Both: from a manifests directory (2) and from the API server (3).
+    Both,
+    /// Only the agent fed by a manifests directory (section 2).
+    Manifests,
+    /// Only the agent fed by the API server double (section 3).
+    Kube,
 }
 
 pub fn bench(opts: Options) -> Result<()> {
@@ -174,25 +197,37 @@ fn run_bench(opts: &Options, niced: bool) -> Result<Value> {
         "cells": [],
         "loads": [],
     });
-    for &n in counts {
-        let (cells, loads) = connection_rate(n, seconds, rounds, opts)?;
-        for c in cells {
-            rate["cells"].as_array_mut().expect("array").push(c);
+    if !opts.only_control_plane {
+        for &n in counts {
+            let (cells, loads) = connection_rate(n, seconds, rounds, opts)?;
+            for c in cells {
+                rate["cells"].as_array_mut().expect("array").push(c);
+            }
+            for l in loads {
+                rate["loads"].as_array_mut().expect("array").push(l);
+            }
         }
-        for l in loads {
-            rate["loads"].as_array_mut().expect("array").push(l);
-        }
+        report["connection_rate"] = rate;
     }
-    report["connection_rate"] = rate;
-    if !opts.skip_control_plane {
-        let mut runs = vec![control_plane(10_000, 10)?];
+    let source = opts.control_plane_source;
+    if !opts.skip_control_plane && source != ControlPlaneSource::Kube {
+        let mut runs = vec![control_plane(10_000, 10, Source::Manifests)?];
         if runs[0]["start_to_healthy_s"].is_null() {
             // The agent could not program 10k x 10: measure the largest
             // round size that fits its 65536-entry maps, for comparison.
             eprintln!("bench: control plane: 10000x10 did not program; measuring 5000x10 as well");
-            runs.push(control_plane(5_000, 10)?);
+            runs.push(control_plane(5_000, 10, Source::Manifests)?);
         }
         report["control_plane"] = json!(runs);
+    }
+    if !opts.skip_control_plane && source != ControlPlaneSource::Manifests {
+        // Both sizes, always: 5k x 10 is the comparison point whether or
+        // not 10k x 10 fits.
+        let runs = vec![
+            control_plane(10_000, 10, Source::Kube)?,
+            control_plane(5_000, 10, Source::Kube)?,
+        ];
+        report["control_plane_kube"] = json!(runs);
     }
     report["total_seconds"] = json!(started.elapsed().as_secs_f64());
     report["loadavg_at_end"] = json!(first_line(
@@ -239,6 +274,14 @@ fn write_atomic(dir: &Path, file: &str, text: &str) -> Result<()> {
     let staging = dir.join(format!(".{file}.tmp"));
     fs::write(&staging, text).with_context(|| format!("write {}", staging.display()))?;
     fs::rename(&staging, dir.join(file)).with_context(|| format!("rename to {file}"))
+}
+
+/// Now, in unix seconds (the agent log's clock).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -403,16 +446,24 @@ struct AgentProc {
     child: ChildGuard,
     log: PathBuf,
     started: Instant,
+    /// The same moment, unix seconds (to compare with log timestamps).
+    started_unix: f64,
 }
 
 impl AgentProc {
-    fn start(ns: &Netns, manifests: &Path, cgroup: &Cgroup, pins: &PinDir) -> Result<AgentProc> {
+    /// `source`: `("--manifests", dir)` or `("--kubeconfig", file)`.
+    fn start(
+        ns: &Netns,
+        source: (&str, PathBuf),
+        cgroup: &Cgroup,
+        pins: &PinDir,
+    ) -> Result<AgentProc> {
         let log = std::env::temp_dir().join(format!("{}-agent.log", unique_name(PREFIX)));
         let file = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let mut cmd = Command::new(proxy_tests::agent_bin());
         cmd.arg("agent")
-            .arg("--manifests")
-            .arg(manifests)
+            .arg(source.0)
+            .arg(source.1)
             .args(["--hostname-override", NODE_NAME])
             .arg("--cgroup")
             .arg(cgroup.path())
@@ -427,11 +478,13 @@ impl AgentProc {
             cmd.env("RUST_LOG", "info");
         }
         let started = Instant::now();
+        let started_unix = unix_now();
         let child = ns.spawn(&mut cmd)?;
         Ok(AgentProc {
             child,
             log,
             started,
+            started_unix,
         })
     }
 
@@ -725,7 +778,12 @@ fn connection_rate(
     let tb = Testbox::new(true)?;
     let cgroup = Cgroup::new(PREFIX)?;
     let pins = PinDir::new(PREFIX)?;
-    let mut agent = AgentProc::start(&tb.ns, manifests.path(), &cgroup, &pins)?;
+    let mut agent = AgentProc::start(
+        &tb.ns,
+        ("--manifests", manifests.path().to_path_buf()),
+        &cgroup,
+        &pins,
+    )?;
     let healthy = agent.wait_healthy(&tb.ns, Duration::from_secs(120), 5);
     let ebpf = EbpfBox {
         agent,
@@ -1028,46 +1086,243 @@ fn nftables_rules(n: usize) -> String {
 
 // --------------------------------------------------------- control plane
 
-fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
-    let size = format!("{services}x{endpoints}");
-    eprintln!("bench: control plane {size}: writing the manifests");
-    let manifests = TempDir::new(PREFIX)?;
-    let mut text = String::with_capacity(services * (400 + endpoints * 80));
-    for i in 0..services {
-        let eps: Vec<String> = (0..endpoints).map(|j| pod_ip(i * endpoints + j)).collect();
-        service_docs(&mut text, &format!("svc-{i:05}"), &vip(i), &eps);
-    }
-    let bytes = text.len();
-    write_atomic(manifests.path(), "services.yaml", &text)?;
-    drop(text);
-    let probe = |backend: &str| {
-        let mut t = String::new();
-        service_docs(&mut t, "probe", PROBE_VIP, &[backend.to_string()]);
-        t
-    };
-    write_atomic(manifests.path(), "probe.yaml", &probe(BACKENDS[0]))?;
+/// What feeds the agent in the control-plane runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// A manifests directory (`--manifests`).
+    Manifests,
+    /// The API server double in the box's namespace (`--kubeconfig`).
+    Kube,
+}
 
+/// The objects behind the agent: files, or the double (and the directory
+/// of its kubeconfig).
+enum Feed {
+    Manifests(TempDir),
+    Kube { api: ApiServer, dir: TempDir },
+}
+
+impl Feed {
+    /// The agent's source flag and its argument.
+    fn agent_source(&self) -> Result<(&'static str, PathBuf)> {
+        Ok(match self {
+            Feed::Manifests(dir) => ("--manifests", dir.path().to_path_buf()),
+            Feed::Kube { api, dir } => ("--kubeconfig", api.kubeconfig(dir.path())?),
+        })
+    }
+
+    /// Moves the probe's single endpoint to `backend`: rewrites its file,
+    /// or applies a modified EndpointSlice to the double.
+    fn move_probe(&self, backend: &str) -> Result<()> {
+        match self {
+            Feed::Manifests(dir) => write_atomic(dir.path(), "probe.yaml", &probe_docs(backend)),
+            Feed::Kube { api, .. } => {
+                api.apply(kube_slice("probe", &[backend.to_string()]));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The probe service (1 endpoint at `backend`) as manifests.
+fn probe_docs(backend: &str) -> String {
+    let mut t = String::new();
+    service_docs(&mut t, "probe", PROBE_VIP, &[backend.to_string()]);
+    t
+}
+
+/// What an API server would return for `service_docs`' Service (with the
+/// fields it defaults), built as a `Value` (no YAML to parse).
+fn kube_service(name: &str, vip: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": vip,
+            "clusterIPs": [vip],
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "internalTrafficPolicy": "Cluster",
+            "sessionAffinity": "None",
+            "ports": [{"name": "http", "port": SERVICE_PORT, "protocol": "TCP", "targetPort": BACKEND_PORT}],
+        },
+    })
+}
+
+/// The EndpointSlice `<service>-x1` with ready endpoints on this node at
+/// `endpoints`, as the EndpointSlice controller writes it.
+fn kube_slice(service: &str, endpoints: &[String]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(j, addr)| {
+            json!({
+                "addresses": [addr],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": NODE_NAME,
+                "targetRef": {"kind": "Pod", "namespace": "bench", "name": format!("{service}-{j}")},
+            })
+        })
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{service}-x1"),
+            "namespace": "bench",
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": BACKEND_PORT, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// How long the double alone takes to serve what the agent lists at start:
+/// every Service and EndpointSlice with kube-proxy's selector, in pages of
+/// 500 (kube-runtime's default), each page a GET from a thread of ours in
+/// the namespace (the double is in this process, a debug build). Measured
+/// before the agent starts; None on any failure.
+fn time_double_lists(ns: &Netns, api: &ApiServer) -> Option<f64> {
+    use std::io::{Read as _, Write as _};
+    const SELECTOR: &str =
+        "%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless";
+    let netns = ns.path();
+    let addr = api.addr();
+    let measure = move || -> Option<f64> {
+        let f = fs::File::open(&netns).ok()?;
+        // SAFETY: plain syscall; moves only this (short-lived) thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            return None;
+        }
+        let mut took = Duration::ZERO;
+        for path in [
+            "/api/v1/services",
+            "/apis/discovery.k8s.io/v1/endpointslices",
+        ] {
+            let mut token = String::new();
+            // Bounded: at most 1000 pages.
+            for _ in 0..1000 {
+                let mut target = format!("{path}?labelSelector={SELECTOR}&limit=500");
+                if !token.is_empty() {
+                    // Continue tokens are hex: nothing to escape.
+                    let _ = write!(target, "&continue={token}");
+                }
+                let start = Instant::now();
+                let mut stream = std::net::TcpStream::connect(addr).ok()?;
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .ok()?;
+                write!(
+                    stream,
+                    "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
+                )
+                .ok()?;
+                let mut answer = Vec::new();
+                stream.read_to_end(&mut answer).ok()?;
+                took += start.elapsed();
+                // The head, then `{"kind":..,"metadata":{..,"continue":".."},"items":[`.
+                let head = String::from_utf8_lossy(&answer[..answer.len().min(1024)]);
+                if !head.starts_with("HTTP/1.1 200") {
+                    return None;
+                }
+                match head.split_once("\"continue\":\"") {
+                    Some((_, rest)) => token = rest.split('"').next()?.to_string(),
+                    None => break,
+                }
+            }
+        }
+        Some(took.as_secs_f64())
+    };
+    thread::spawn(measure).join().ok().flatten()
+}
+
+fn control_plane(services: usize, endpoints: usize, source: Source) -> Result<Value> {
+    let size = format!("{services}x{endpoints}");
+    let label = match source {
+        Source::Manifests => format!("control plane {size}"),
+        Source::Kube => format!("control plane (API server) {size}"),
+    };
+    let eps =
+        |i: usize| -> Vec<String> { (0..endpoints).map(|j| pod_ip(i * endpoints + j)).collect() };
     let tb = Testbox::new(false)?;
-    let cgroup = Cgroup::new(PREFIX)?;
-    let pins = PinDir::new(PREFIX)?;
-    eprintln!("bench: control plane {size}: starting the agent");
-    let mut agent = AgentProc::start(&tb.ns, manifests.path(), &cgroup, &pins)?;
     let mut out = json!({
+        "source": match source { Source::Manifests => "manifests", Source::Kube => "kube" },
         "services": services,
         "endpoints_per_service": endpoints,
-        "manifest_bytes": bytes,
     });
+    let feed = match source {
+        Source::Manifests => {
+            eprintln!("bench: {label}: writing the manifests");
+            let manifests = TempDir::new(PREFIX)?;
+            let mut text = String::with_capacity(services * (400 + endpoints * 80));
+            for i in 0..services {
+                service_docs(&mut text, &format!("svc-{i:05}"), &vip(i), &eps(i));
+            }
+            out["manifest_bytes"] = json!(text.len());
+            write_atomic(manifests.path(), "services.yaml", &text)?;
+            drop(text);
+            write_atomic(manifests.path(), "probe.yaml", &probe_docs(BACKENDS[0]))?;
+            Feed::Manifests(manifests)
+        }
+        Source::Kube => {
+            eprintln!("bench: {label}: loading the API server double");
+            let api = ApiServer::start(&tb.ns)?;
+            let build = Instant::now();
+            let mut objects = Vec::with_capacity(2 * services + 3);
+            objects.push(json!({
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}},
+                "status": {"addresses": [{"type": "InternalIP", "address": CLIENT}]},
+            }));
+            for i in 0..services {
+                let name = format!("svc-{i:05}");
+                objects.push(kube_service(&name, &vip(i)));
+                objects.push(kube_slice(&name, &eps(i)));
+            }
+            objects.push(kube_service("probe", PROBE_VIP));
+            objects.push(kube_slice("probe", &[BACKENDS[0].to_string()]));
+            out["objects"] = json!(objects.len());
+            out["build_objects_s"] = json!(build.elapsed().as_secs_f64());
+            let apply = Instant::now();
+            api.apply(objects);
+            out["apply_s"] = json!(apply.elapsed().as_secs_f64());
+            out["double_lists_s"] = json!(time_double_lists(&tb.ns, &api));
+            eprintln!(
+                "bench: {label}: {} objects built in {:.2} s, applied in {:.2} s; the double serves the initial lists in {} s",
+                out["objects"],
+                out["build_objects_s"].as_f64().unwrap_or(f64::NAN),
+                out["apply_s"].as_f64().unwrap_or(f64::NAN),
+                fmt_f(&out["double_lists_s"], 2)
+            );
+            Feed::Kube {
+                api,
+                dir: TempDir::new(PREFIX)?,
+            }
+        }
+    };
+
+    let cgroup = Cgroup::new(PREFIX)?;
+    let pins = PinDir::new(PREFIX)?;
+    eprintln!("bench: {label}: starting the agent");
+    let mut agent = AgentProc::start(&tb.ns, feed.agent_source()?, &cgroup, &pins)?;
     let healthy = agent.wait_healthy(&tb.ns, Duration::from_secs(120), 3);
     match &healthy {
         Ok(t) => {
             eprintln!(
-                "bench: control plane {size}: healthy {:.2} s after start",
+                "bench: {label}: healthy {:.2} s after start",
                 t.as_secs_f64()
             );
             out["start_to_healthy_s"] = json!(t.as_secs_f64());
         }
         Err(e) => {
-            eprintln!("bench: control plane {size}: {e}");
+            eprintln!("bench: {label}: {e}");
             out["start_to_healthy_s"] = Value::Null;
             out["start_problem"] = json!(e);
         }
@@ -1094,11 +1349,44 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
             _ => None,
         }
     };
+    // Converged means every frontend and backend programmed: checked when
+    // /healthz says so, and (should it not hold) polled for up to 60 s.
+    let (want_frontends, want_backends) = (services + 1, services * endpoints + 1);
+    out["frontends_expected"] = json!(want_frontends);
+    out["backends_expected"] = json!(want_backends);
+    let counts = |rows: &[Value]| -> (usize, usize) {
+        let backends = rows
+            .iter()
+            .map(|r| r["backends"].as_array().map_or(0, Vec::len))
+            .sum();
+        (rows.len(), backends)
+    };
     match services_call(&pins) {
         Ok((rows, took)) => {
-            out["frontends_programmed"] = json!(rows.len());
+            let (frontends, backends) = counts(&rows);
+            out["frontends_programmed"] = json!(frontends);
+            out["backends_programmed"] = json!(backends);
             out["services_call_s"] = json!(took.as_secs_f64());
             out["probe_before"] = json!(probe_backend(&rows));
+            let converged = (frontends, backends) == (want_frontends, want_backends);
+            out["converged_at_healthy"] = json!(healthy.is_ok() && converged);
+            if healthy.is_ok() && !converged {
+                eprintln!(
+                    "bench: {label}: healthy with {frontends} frontends / {backends} backends \
+                     of {want_frontends} / {want_backends}; waiting for the rest"
+                );
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    thread::sleep(Duration::from_millis(100));
+                    let Ok((rows, _)) = services_call(&pins) else {
+                        break;
+                    };
+                    if counts(&rows) == (want_frontends, want_backends) {
+                        out["converged_s"] = json!(agent.started.elapsed().as_secs_f64());
+                        break;
+                    }
+                }
+            }
         }
         Err(e) => out["services_problem"] = json!(format!("{e:#}")),
     }
@@ -1116,13 +1404,8 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
     for (k, next) in [BACKENDS[1], BACKENDS[2], BACKENDS[0]].iter().enumerate() {
         thread::sleep(Duration::from_millis(300));
         let start = Instant::now();
-        written_at.push(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-        );
-        write_atomic(manifests.path(), "probe.yaml", &probe(next))?;
+        written_at.push(unix_now());
+        feed.move_probe(next)?;
         let deadline = start + change_timeout;
         let mut seen = None;
         let mut polls = 0;
@@ -1150,7 +1433,7 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
         match seen {
             Some(t) => {
                 eprintln!(
-                    "bench: control plane {size}: change {} visible after {:.0} ms ({polls} polls; not yet at {:.0} ms)",
+                    "bench: {label}: change {} visible after {:.0} ms ({polls} polls; not yet at {:.0} ms)",
                     k + 1,
                     t.as_secs_f64() * 1000.0,
                     missed_at.as_secs_f64() * 1000.0
@@ -1165,7 +1448,7 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
                         k + 1
                     )
                 });
-                eprintln!("bench: control plane {size}: {p}");
+                eprintln!("bench: {label}: {p}");
                 break;
             }
         }
@@ -1206,6 +1489,7 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
     out["agent_alive_at_end"] = json!(alive);
     agent.child.kill();
     let scan = scan_log(&agent.log);
+    let started_unix = agent.started_unix;
     drop(agent);
     out["agent_log"] = json!({
         "lines": scan.lines,
@@ -1228,10 +1512,17 @@ fn control_plane(services: usize, endpoints: usize) -> Result<Value> {
         })
         .collect();
     out["endpoint_change_logged_s"] = json!(logged);
+    // The first sync that wrote anything: the initial programming.
+    out["first_sync_logged_s"] = json!(
+        scan.syncs
+            .iter()
+            .find(|(_, wrote)| *wrote)
+            .map(|(t, _)| t - started_unix)
+    );
     drop(pins);
     drop(cgroup);
+    drop(feed);
     drop(tb);
-    drop(manifests);
     Ok(out)
 }
 
@@ -1257,7 +1548,6 @@ fn render(r: &Value) -> String {
         m["iptables"].as_str().unwrap_or("?"),
         m["nft"].as_str().unwrap_or("?"),
     );
-    let rate = &r["connection_rate"];
     let _ = writeln!(
         s,
         "Machine load: {} of all CPUs busy with other work in the second before the\n  bench; load average {} at the start, {} at the end. Our processes ran at nice {}.\n",
@@ -1269,6 +1559,41 @@ fn render(r: &Value) -> String {
         r["loadavg_at_end"].as_str().unwrap_or("?"),
         r["nice"]
     );
+    if r["connection_rate"].is_object() {
+        render_connection_rate(&mut s, &r["connection_rate"]);
+    }
+    let cps = r["control_plane"].as_array().cloned().unwrap_or_default();
+    if !cps.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n2. Control plane: N services x E endpoints (distinct pod addresses) in one\n   multi-document file written before the agent starts, plus a probe service\n   (1 endpoint) in a small file of its own."
+        );
+    }
+    for cp in &cps {
+        render_control_plane(&mut s, cp);
+    }
+    let kube = r["control_plane_kube"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if !kube.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n3. Control plane from the API server: the same services, endpoints and probe\n   as Services and EndpointSlices (plus this node's Node) in the API server\n   double, in the agent's namespace; the agent runs with --kubeconfig (list,\n   then watch). An endpoint change is a modified EndpointSlice applied to the\n   double (one watch event)."
+        );
+    }
+    for cp in &kube {
+        render_control_plane(&mut s, cp);
+    }
+    let _ = writeln!(
+        s,
+        "\ntotal {:.0} s",
+        r["total_seconds"].as_f64().unwrap_or(f64::NAN)
+    );
+    s
+}
+
+fn render_connection_rate(s: &mut String, rate: &Value) {
     let _ = writeln!(
         s,
         "1. Connection rate: connect, read the greeting line, close (RST); {} client\n   thread(s); each cell is the median of {} interleaved rounds of {} s.\n   conn/s: higher is better; vs direct / vs ebpf: conn/s ratios against those\n   rows of the same N. p50/p99: connect() alone, in microseconds; +p50: p50\n   minus direct's p50 (what the translation adds to each connect).",
@@ -1365,22 +1690,6 @@ fn render(r: &Value) -> String {
             l["seconds"].as_f64().unwrap_or(f64::NAN)
         );
     }
-    let cps = r["control_plane"].as_array().cloned().unwrap_or_default();
-    if !cps.is_empty() {
-        let _ = writeln!(
-            s,
-            "\n2. Control plane: N services x E endpoints (distinct pod addresses) in one\n   multi-document file written before the agent starts, plus a probe service\n   (1 endpoint) in a small file of its own."
-        );
-    }
-    for cp in &cps {
-        render_control_plane(&mut s, cp);
-    }
-    let _ = writeln!(
-        s,
-        "\ntotal {:.0} s",
-        r["total_seconds"].as_f64().unwrap_or(f64::NAN)
-    );
-    s
 }
 
 fn render_control_plane(s: &mut String, cp: &Value) {
@@ -1399,13 +1708,26 @@ fn render_control_plane(s: &mut String, cp: &Value) {
             .map(|x| format!("{:.1} MiB", x / 1024.0))
             .unwrap_or_else(|| "-".into())
     };
-    let _ = writeln!(
-        s,
-        "\n  {} services x {} endpoints ({:.1} MB of YAML)",
-        cp["services"],
-        cp["endpoints_per_service"],
-        cp["manifest_bytes"].as_f64().unwrap_or(0.0) / 1e6
-    );
+    let kube = cp["source"] == "kube";
+    if kube {
+        let _ = writeln!(
+            s,
+            "\n  {} services x {} endpoints ({} objects in the double: built in {}, applied in {})",
+            cp["services"],
+            cp["endpoints_per_service"],
+            cp["objects"],
+            secs(&cp["build_objects_s"]),
+            secs(&cp["apply_s"]),
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "\n  {} services x {} endpoints ({:.1} MB of YAML)",
+            cp["services"],
+            cp["endpoints_per_service"],
+            cp["manifest_bytes"].as_f64().unwrap_or(0.0) / 1e6
+        );
+    }
     let _ = writeln!(
         s,
         "    agent start -> /healthz 200:        {}",
@@ -1414,10 +1736,38 @@ fn render_control_plane(s: &mut String, cp: &Value) {
             .map(|p| format!("NEVER: {p}"))
             .unwrap_or_else(|| secs(&cp["start_to_healthy_s"]))
     );
+    if kube {
+        let _ = writeln!(
+            s,
+            "      the double alone serves the agent's initial lists (pages of 500) in {}\n      (xtask's debug build; measured before the agent started)",
+            secs(&cp["double_lists_s"])
+        );
+    }
+    if let Some(t) = cp["first_sync_logged_s"].as_f64() {
+        let _ = writeln!(
+            s,
+            "      first sync that wrote, per the agent log: {:.2} s after start",
+            t
+        );
+    }
     let _ = writeln!(
         s,
-        "    frontends in the datapath then:     {} (of {} service ports + the probe)",
-        cp["frontends_programmed"], cp["services"]
+        "    in the datapath then:               {} frontends of {} (service ports + the probe), {} backends of {}{}",
+        cp["frontends_programmed"],
+        cp["frontends_expected"],
+        cp["backends_programmed"],
+        cp["backends_expected"],
+        match (
+            cp["converged_at_healthy"].as_bool(),
+            cp["converged_s"].as_f64()
+        ) {
+            (Some(true), _) => ": converged".to_string(),
+            (_, Some(t)) => format!(": NOT converged then; all programmed {t:.2} s after start"),
+            (Some(false), None) if cp["start_problem"].is_null() => {
+                ": NOT converged (not within 60 s more either)".to_string()
+            }
+            _ => String::new(),
+        }
     );
     let changes: Vec<String> = cp["endpoint_change_s"]
         .as_array()
@@ -1451,8 +1801,9 @@ fn render_control_plane(s: &mut String, cp: &Value) {
     if !logged.is_empty() {
         let _ = writeln!(
             s,
-            "      the agent logged the sync that wrote it after: {} (write -> programmed)",
-            logged.join(", ")
+            "      the agent logged the sync that wrote it after: {} ({} -> programmed)",
+            logged.join(", "),
+            if kube { "apply" } else { "write" }
         );
     }
     let (psum, pcount) = (

@@ -51,7 +51,8 @@ enum Cmd {
         requests: u32,
     },
     /// Benchmarks: connection rate vs. direct, iptables and nftables
-    /// layouts (N = 1, 1k, 10k services); control plane at 10k services.
+    /// layouts (N = 1, 1k, 10k services); control plane at 10k services, from
+    /// manifests and from the API server double.
     Bench {
         /// Shorter: N = 1 and 1000, 1 s per run.
         #[arg(long)]
@@ -75,6 +76,12 @@ enum Cmd {
         /// Only the connection rate.
         #[arg(long)]
         skip_control_plane: bool,
+        /// Only the control plane (skips the connection rate).
+        #[arg(long, conflicts_with = "skip_control_plane")]
+        only_control_plane: bool,
+        /// What feeds the agent in the control-plane runs.
+        #[arg(long, value_enum, default_value = "both")]
+        control_plane_source: bench::ControlPlaneSource,
     },
 }
 
@@ -93,6 +100,8 @@ fn main() {
             seconds,
             iptables_legacy,
             skip_control_plane,
+            only_control_plane,
+            control_plane_source,
         } => bench::bench(bench::Options {
             quick,
             json,
@@ -101,6 +110,8 @@ fn main() {
             seconds,
             iptables_legacy,
             skip_control_plane,
+            only_control_plane,
+            control_plane_source,
         }),
     };
     if let Err(e) = result {
