@@ -21,6 +21,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The bpf-linker release that builds with this toolchain and LLVM 22 (a
+/// newer one may need a newer rustc).
+const BPF_LINKER_VERSION: &str = "0.13.0";
 const CGROUP2_MOUNT: &str = "/sys/fs/cgroup/unified";
 
 pub fn setup() -> Result<()> {
@@ -125,12 +128,16 @@ fn bpf_linker(act: &mut impl FnMut(&str)) -> Result<()> {
     if succeeds(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
-    act("cargo install bpf-linker --no-default-features --features llvm-22 (about a minute)");
+    act(&format!(
+        "cargo install bpf-linker@{BPF_LINKER_VERSION} --no-default-features --features llvm-22 (about a minute)"
+    ));
     // Plain `cargo` (not $CARGO): the install is not tied to this workspace.
     run(Command::new("cargo")
         .args([
             "install",
             "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
             "--no-default-features",
             "--features",
             "llvm-22",
