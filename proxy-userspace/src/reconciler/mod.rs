@@ -96,21 +96,27 @@ struct PortEntries<'a> {
     name: &'a ServicePortName,
     plan: &'a ServicePortPlan,
     svc_id: u32,
-    /// Every backend some frontend of the port selects, with its id.
+    /// The frontends the socket level programs ([`socket_frontends`]).
+    frontends: Vec<&'a FrontendPlan>,
+    /// Every backend one of `frontends` selects, with its id.
     backend_ids: BTreeMap<BackendAddr, u32>,
 }
 
+/// The frontends of a plan the socket level programs. A LoadBalancer IP
+/// with source ranges is left alone: at `connect()` the socket has no
+/// source address yet, so the ranges cannot be checked, and translating
+/// would let every pod through (rule 15). Its traffic goes to the balancer,
+/// which enforces them.
+fn socket_frontends(plan: &ServicePortPlan) -> Vec<&FrontendPlan> {
+    plan.frontends
+        .iter()
+        .filter(|frontend_plan| frontend_plan.source_ranges.is_empty())
+        .collect()
+}
+
 impl PortEntries<'_> {
-    /// The frontends the socket level programs. A LoadBalancer IP with
-    /// source ranges is left alone: at `connect()` the socket has no source
-    /// address yet, so the ranges cannot be checked, and translating would
-    /// let every pod through (rule 15). Its traffic goes to the balancer,
-    /// which enforces them.
     fn programmed(&self) -> impl Iterator<Item = &FrontendPlan> {
-        self.plan
-            .frontends
-            .iter()
-            .filter(|frontend_plan| frontend_plan.source_ranges.is_empty())
+        self.frontends.iter().copied()
     }
 
     /// The backend ids of a selection, in slot order.
@@ -245,13 +251,13 @@ impl<D: Datapath> Reconciler<D> {
             .ports
             .iter()
             .map(|(name, plan)| {
-                let existing = plan.frontends.iter().find_map(|frontend_plan| {
+                let frontends = socket_frontends(plan);
+                let existing = frontends.iter().find_map(|frontend_plan| {
                     let master_key = codec::service_key(&frontend_plan.frontend, 0);
                     Some(self.services.get(&master_key)?.svc_id)
                 });
                 let svc_id = self.svc_ids.id_for(name, existing);
-                let backend_ids = plan
-                    .frontends
+                let backend_ids = frontends
                     .iter()
                     .flat_map(|frontend_plan| &frontend_plan.internal.backends)
                     .map(|backend| {
@@ -263,6 +269,7 @@ impl<D: Datapath> Reconciler<D> {
                     name,
                     plan,
                     svc_id,
+                    frontends,
                     backend_ids,
                 }
             })

@@ -672,7 +672,7 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
     let mut with_ranges = frontend_plan(
         lb_ip,
         FrontendKind::LoadBalancer,
-        selection(&[11], WhenEmpty::Reject),
+        selection(&[11, 12], WhenEmpty::Reject),
     );
     with_ranges.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
     let state = desired(&[(
@@ -696,6 +696,11 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
         Some(vec![backend(11)])
     );
     assert_eq!(backends_at(reconciler.datapath(), &lb_ip), None);
+    assert_eq!(
+        reconciler.datapath().backends.len(),
+        1,
+        "no backend written for the frontend left alone"
+    );
 
     // Without ranges the same frontend is programmed.
     with_ranges.source_ranges.clear();
@@ -704,7 +709,7 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
     reconciler.sync(&state);
     assert_eq!(
         backends_at(reconciler.datapath(), &lb_ip),
-        Some(vec![backend(11)])
+        Some(vec![backend(11), backend(12)])
     );
 }
 
