@@ -134,12 +134,8 @@ fn scenario_14_internal_traffic_policy_local() {
         ]),
     );
     // A pod on a node with a local endpoint gets only it.
-    let counts = spread(&node.tcp(&format!("{VIP}:80"), 20));
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        vec!["backend-1"],
-        "{counts:?}"
-    );
+    let counts = node.answering(&format!("{VIP}:80"), 20);
+    assert_eq!(counts, ["backend-1"], "{counts:?}");
     // NodePort is unaffected by iTP (rule 19): both endpoints.
     assert_eq!(
         spread(&node.tcp(&format!("{NODE_IP}:{NODE_PORT}"), 30)).len(),
@@ -194,12 +190,8 @@ fn scenario_15_terminating_fallback() {
         rows.iter()
             .any(|row| row["backends"][0]["backend"]["addr"] == BACKENDS[1])
     });
-    let counts = spread(&node.tcp(&format!("{VIP}:80"), 20));
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        vec!["backend-2"],
-        "only the ready one: {counts:?}"
-    );
+    let counts = node.answering(&format!("{VIP}:80"), 20);
+    assert_eq!(counts, ["backend-2"], "only the ready one:{counts:?}");
 }
 
 #[test]
@@ -220,12 +212,8 @@ fn scenario_16_topology_hints() {
         &load_balancer(""),
         &hinted(", hints: {forZones: [{name: zone-b}]}"),
     );
-    let counts = spread(&node.tcp(&format!("{VIP}:80"), 20));
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        vec!["backend-1"],
-        "same-zone only: {counts:?}"
-    );
+    let counts = node.answering(&format!("{VIP}:80"), 20);
+    assert_eq!(counts, ["backend-1"], "same-zone only:{counts:?}");
 
     node.write("slice.yaml", &hinted(""));
     node.wait_for("both endpoints", |rows| {
@@ -352,12 +340,8 @@ fn rules_19_23_affinity_never_crosses_into_a_frontends_other_set() {
             row["frontend"]["addr"] == VIP && row["backends"].as_array().unwrap().len() == 1
         })
     });
-    let counts = spread(&node.tcp(&format!("{VIP}:80"), 10));
-    assert_eq!(
-        counts.keys().collect::<Vec<_>>(),
-        vec!["backend-1"],
-        "{counts:?}"
-    );
+    let counts = node.answering(&format!("{VIP}:80"), 10);
+    assert_eq!(counts, ["backend-1"], "{counts:?}");
     // The NodePort keeps its own affinity.
     assert_eq!(
         spread(&node.tcp(&format!("{NODE_IP}:{NODE_PORT}"), 10))

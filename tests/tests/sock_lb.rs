@@ -19,16 +19,7 @@ use common::*;
 
 #[test]
 fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
-    let node = TestNode::serving(
-        "epsa",
-        &[
-            ("web.yaml", &service("web", &[("http", 80, "TCP")], "")),
-            (
-                "web-slice.yaml",
-                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
-            ),
-        ],
-    );
+    let node = TestNode::web("epsa");
 
     let results = node.tcp(&format!("{VIP}:80"), 100);
     for result in &results {
@@ -288,16 +279,7 @@ fn rule_29_tcp_connection_survives_endpoint_removal() {
 
 #[test]
 fn restart_keeps_serving_and_applies_changes_made_while_down() {
-    let mut node = TestNode::serving(
-        "epsi",
-        &[
-            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
-            (
-                "slice.yaml",
-                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
-            ),
-        ],
-    );
+    let mut node = TestNode::web("epsi");
     let to = format!("{VIP}:80");
     let before = node.services();
 
@@ -337,16 +319,7 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
 
 #[test]
 fn bad_manifest_is_logged_with_file_and_reason_and_the_rest_keeps_working() {
-    let node = TestNode::serving(
-        "epsj",
-        &[
-            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
-            (
-                "slice.yaml",
-                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
-            ),
-        ],
-    );
+    let node = TestNode::web("epsj");
 
     node.write(
         "svc.yaml",
@@ -441,16 +414,7 @@ fn agent_without_cgroup2_or_bpffs_exits_with_advice() {
 
 #[test]
 fn kill_9_restarts_under_load_fail_no_connection() {
-    let mut node = TestNode::serving(
-        "epsm",
-        &[
-            ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
-            (
-                "slice.yaml",
-                &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
-            ),
-        ],
-    );
+    let mut node = TestNode::web("epsm");
     let to = format!("{VIP}:80");
 
     // One connection held open across every restart.

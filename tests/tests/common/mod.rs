@@ -91,6 +91,25 @@ impl TestNode {
         node
     }
 
+    /// The usual world: Service `web` (http 80 -> 8080) over every backend.
+    pub fn web(prefix: &str) -> TestNode {
+        TestNode::serving(
+            prefix,
+            &[
+                ("svc.yaml", &service("web", &[("http", 80, "TCP")], "")),
+                (
+                    "slice.yaml",
+                    &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+                ),
+            ],
+        )
+    }
+
+    /// The backends that answered `count` TCP connections to `to`, sorted.
+    pub fn answering(&self, to: &str, count: u32) -> Vec<String> {
+        spread(&self.tcp(to, count)).into_keys().collect()
+    }
+
     pub fn write(&self, file: &str, text: &str) {
         // Write then rename, as editors and ConfigMap volumes do: the agent
         // never reads half a file.
