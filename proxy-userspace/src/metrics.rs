@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -22,11 +22,11 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter as DatapathCounter, ServiceKey,
-    ServiceValue, SockRevNatKey, SockRevNatValue, map_names,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ServiceKey, ServiceValue, SockRevNatKey,
+    SockRevNatValue, map_names,
 };
 
-use crate::{http::Response, maps::open_pinned, source::SourceStatus};
+use crate::{http::Response, inspect, maps::open_pinned, source::SourceStatus};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabel {
@@ -181,18 +181,6 @@ struct MapLabel {
 }
 
 impl DatapathCollector {
-    fn counters(&self) -> Option<Vec<(&'static str, u64)>> {
-        let data = open_pinned(&self.bpffs, map_names::COUNTERS).ok()?;
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(Map::PerCpuArray(data)).ok()?;
-        DatapathCounter::ALL
-            .iter()
-            .map(|counter| {
-                let per_cpu = map.get(&(*counter as u32), 0).ok()?;
-                Some((counter.name(), per_cpu.iter().sum()))
-            })
-            .collect()
-    }
-
     /// Entries and capacity of each map; counting walks the keys, which for
     /// the largest map (262k socket rev-NAT entries) stays in milliseconds.
     fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
@@ -223,15 +211,17 @@ impl DatapathCollector {
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Some(counters) = self.counters() {
+        // The same reading `ebpf-proxy counters` shows.
+        if let Ok(counters) = inspect::counters(&self.bpffs) {
             let mut family = encoder.encode_descriptor(
                 "ebpf_proxy_datapath_events",
                 "Datapath events (translated, rejected, dropped, ...), summed over CPUs",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (event, value) in counters {
-                ConstCounter::new(value).encode(family.encode_family(&EventLabel { event })?)?;
+            for row in counters {
+                ConstCounter::new(row.value)
+                    .encode(family.encode_family(&EventLabel { event: row.name })?)?;
             }
         }
         let levels = self.fill_levels();

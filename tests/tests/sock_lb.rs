@@ -495,3 +495,35 @@ fn kill_9_restarts_under_load_fail_no_connection() {
         .collect();
     assert_eq!(hooks.len(), 4, "{attached}");
 }
+
+#[test]
+fn rule_34_metrics_show_sync_and_datapath_counters() {
+    let node = TestNode::web("epsn");
+    assert!(
+        node.tcp(&format!("{VIP}:80"), 5)
+            .iter()
+            .all(|r| r["ok"] == true)
+    );
+    let out = proxy_tests::run_checked(
+        host(&node.netns, None).args(["http-get", "127.0.0.1:10249/metrics"]),
+    )
+    .unwrap();
+    let answer: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+    let text = answer["body"].as_str().unwrap();
+    let value = |series: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|line| line.starts_with(series))
+            .unwrap_or_else(|| panic!("{series} missing:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0);
+    assert!(value("ebpf_proxy_datapath_events_total{event=\"translated\"}") >= 5.0);
+    assert_eq!(value("ebpf_proxy_map_entries{map=\"lb4_backends\"}"), 3.0);
+    assert_eq!(
+        value("ebpf_proxy_map_capacity{map=\"lb4_services\"}"),
+        262_144.0
+    );
+}
