@@ -1,25 +1,27 @@
 //! Every map of the datapath, documented where it is defined. Layouts live in
-//! `proxy-common`; the agent pins each map under `<bpffs>/maps/<name>` and
-//! is its only writer, except for the LRU tables the programs fill.
+//! `proxy-common`; the agent pins each map under its pin directory and is
+//! its only writer, except for the LRU tables the programs fill. The sizes
+//! here are defaults: the agent sets the large ones at load time.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, map_sizes,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, RevNat,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_sizes,
 };
 
 /// Maps only the agent writes are allocated as they fill: their capacity
 /// is sized for large clusters without reserving that memory up front.
 const ON_DEMAND: usize = BPF_F_NO_PREALLOC as usize;
 
-/// Frontends. `{addr, port, proto, slot 0}` is the master entry of a
-/// frontend (backend count, service-port id, affinity timeout); slots
-/// `1..=count` hold the ids of the selected backends. Written slots first,
-/// master last, so a reader never sees a count beyond the written slots.
+/// Frontends. `{addr, port, proto, scope, slot 0}` is the master entry of
+/// a frontend for one scope (backend count, service-port id, rev-NAT id,
+/// affinity timeout, flags); slots `1..=count` hold the ids of the
+/// backends that scope selects. Written slots first, master last, so a
+/// reader never sees a count beyond the written slots.
 #[btf_map(name = "lb4_services")]
 pub static SERVICES: HashMap<
     ServiceKey,
@@ -29,10 +31,23 @@ pub static SERVICES: HashMap<
 > = HashMap::new();
 
 /// Backends by id. Ids are allocated by the agent, never 0, and stay the
-/// same for an address:port:proto across agent restarts.
+/// same for an address:port:proto across agent restarts. The `LOCAL` flag
+/// says whether external flows to it need SNAT.
 #[btf_map(name = "lb4_backends")]
 pub static BACKENDS: HashMap<u32, Backend, { map_sizes::BACKENDS as usize }, { ON_DEMAND }> =
     HashMap::new();
+
+/// rev-NAT id -> frontend: what a reply of a translated external flow must
+/// appear to come from. Written before the masters that carry the id.
+#[btf_map(name = "lb4_rev_nat")]
+pub static REV_NAT: HashMap<u32, RevNat, { map_sizes::REV_NAT as usize }, { ON_DEMAND }> =
+    HashMap::new();
+
+/// loadBalancerSourceRanges per frontend (rule 15): `{rev-NAT id, CIDR}`.
+/// Consulted for new external flows of masters with the SOURCE_RANGES flag.
+#[btf_map(name = "lb4_src_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRange, u8, { map_sizes::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// ClientIP session affinity: the backend a client last got for a service
 /// port, and when. Filled by the programs; LRU bounds it.
@@ -60,6 +75,31 @@ pub static SOCK_REV_NAT: LruHashMap<
     { map_sizes::SOCK_REV_NAT as usize },
 > = LruHashMap::new();
 
+/// Conntrack of translated external flows, keyed by the client's packet as
+/// it arrives (client -> frontend): the backend it keeps (rule 29), its
+/// SNAT source, TCP state and last use. Filled by tc ingress; expired
+/// entries are removed by the agent; LRU bounds it.
+#[btf_map(name = "lb4_ct")]
+pub static CONNTRACK: LruHashMap<Flow4, CtEntry, { map_sizes::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// The reply half of every `lb4_ct` entry, keyed by the reply as it
+/// arrives (backend -> node address and SNAT port, or backend -> client):
+/// the NAT table of the reply path. Inserted before its `lb4_ct` entry,
+/// removed after it.
+#[btf_map(name = "lb4_ct_reply")]
+pub static CT_REPLY: LruHashMap<Flow4, CtReply, { map_sizes::CT_REPLY as usize }> =
+    LruHashMap::new();
+
 /// Per-CPU event counters, indexed by `proxy_common::Counter`.
 #[btf_map(name = "lb_counters")]
 pub static COUNTERS: PerCpuArray<u64, { map_sizes::COUNTERS as usize }> = PerCpuArray::new();
+
+/// Adds one to a counter.
+#[inline(always)]
+pub fn count(counter: proxy_common::Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer runs concurrently on this CPU.
+        unsafe { *value += 1 };
+    }
+}

@@ -14,10 +14,10 @@ use aya_ebpf::{
 };
 use proxy_common::{
     AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, proto, service_flags,
+    SockRevNatValue, lb, proto, scope, service_flags,
 };
 
-use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, COUNTERS, SERVICES, SOCK_REV_NAT};
+use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, SOCK_REV_NAT, count};
 
 /// sock_addr verdicts.
 const REJECT: i32 = 0;
@@ -48,14 +48,6 @@ pub fn lb4_getpeername(ctx: SockAddrContext) -> i32 {
     PROCEED
 }
 
-#[inline(always)]
-fn count(counter: Counter) {
-    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
-        // Per-CPU slot: no other writer runs concurrently on this CPU.
-        unsafe { *value += 1 };
-    }
-}
-
 /// Frontend -> backend. Sockets to anything that is not a frontend pass
 /// untouched.
 #[inline(always)]
@@ -67,7 +59,13 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     }
     let frontend_addr = unsafe { (*sa).user_ip4 };
     let frontend_port = unsafe { (*sa).user_port } as u16;
-    let master_key = ServiceKey::new(frontend_addr, frontend_port, protocol as u8, 0);
+    let master_key = ServiceKey::new(
+        frontend_addr,
+        frontend_port,
+        protocol as u8,
+        scope::INTERNAL,
+        0,
+    );
     let Some(master) = SERVICES.get_ptr(master_key) else {
         return reject_undefined_port(frontend_addr, protocol as u8);
     };
@@ -120,7 +118,7 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 fn reject_undefined_port(addr: u32, protocol: u8) -> i32 {
     if SERVICES
-        .get_ptr(ServiceKey::new(addr, 0, protocol, 0))
+        .get_ptr(ServiceKey::new(addr, 0, protocol, scope::INTERNAL, 0))
         .is_none()
     {
         return PROCEED;
@@ -185,18 +183,12 @@ fn select_backend(
     Some(backend_id)
 }
 
-/// Uniform slot in `1..=count` by multiply-shift (no division, no modulo
-/// bias worth the name for counts far below 2^32).
+/// Uniform slot in `1..=count`.
 #[inline(always)]
 fn pick_slot(master_key: &ServiceKey, count: u16) -> Option<u32> {
-    let random = unsafe { bpf_get_prandom_u32() } as u64;
-    let slot = ((random * count as u64) >> 32) as u16 + 1;
-    let slot_key = ServiceKey {
-        slot,
-        ..*master_key
-    };
+    let random = unsafe { bpf_get_prandom_u32() };
     SERVICES
-        .get_ptr(slot_key)
+        .get_ptr(master_key.with_slot(lb::slot_for(random, count)))
         .map(|value| unsafe { (*value).backend_id })
 }
 

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, ServiceKey, proto};
+use proxy_common::{Backend, ServiceKey, proto, scope};
 
 use crate::model::{BackendAddr, Frontend, Protocol};
 
@@ -45,6 +45,7 @@ pub fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
         addr_to_map(frontend.addr),
         port_to_map(frontend.port),
         proto_number(frontend.protocol),
+        scope::INTERNAL,
         slot,
     )
 }
@@ -79,6 +80,7 @@ pub fn backend(backend: &BackendAddr) -> Backend {
         addr_to_map(backend.addr),
         port_to_map(backend.port),
         proto_number(backend.protocol),
+        0,
     )
 }
 
@@ -125,7 +127,7 @@ mod tests {
         let key = cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, 10), Protocol::Udp);
         assert_eq!(
             key,
-            ServiceKey::new(addr_to_map(Ipv4Addr::new(10, 96, 0, 10)), 0, 17, 0)
+            ServiceKey::new(addr_to_map(Ipv4Addr::new(10, 96, 0, 10)), 0, 17, 0, 0)
         );
         assert!(is_cluster_ip_wildcard(&key));
         let real = Frontend {
@@ -138,7 +140,7 @@ mod tests {
 
     #[test]
     fn unknown_protocol_is_not_decoded() {
-        let key = ServiceKey::new(0, 0, 132, 0);
+        let key = ServiceKey::new(0, 0, 132, 0, 0);
         assert_eq!(frontend(&key), None);
     }
 }

@@ -378,7 +378,14 @@ impl<D: Datapath> Reconciler<D> {
         };
         let affinity = port.plan.affinity_timeout.unwrap_or(0);
         let selection = port.selection_of(&frontend_plan.internal);
-        let master = ServiceValue::master(count, flags, selection, port.svc_id, affinity);
+        let master = ServiceValue {
+            count,
+            flags,
+            selection,
+            svc_id: port.svc_id,
+            affinity_timeout: affinity,
+            ..ServiceValue::slot(0)
+        };
         let master_key = codec::service_key(&frontend_plan.frontend, 0);
         if self.write_master(master_key, master, &slots)? {
             report.frontends_written += 1;
@@ -394,7 +401,7 @@ impl<D: Datapath> Reconciler<D> {
             report.wildcards_over_capacity += 1;
             return;
         }
-        match self.write_master(key, ServiceValue::master(0, 0, 0, 0, 0), &[]) {
+        match self.write_master(key, ServiceValue::slot(0), &[]) {
             Ok(true) => report.wildcards_written += 1,
             Ok(false) => {}
             Err(err) => report

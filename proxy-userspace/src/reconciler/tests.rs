@@ -460,7 +460,7 @@ fn rule_09_cluster_ip_wildcards_are_written_and_removed() {
             let key = codec::cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, last), protocol);
             assert_eq!(
                 datapath.services.get(&key),
-                Some(&ServiceValue::master(0, 0, 0, 0, 0)),
+                Some(&ServiceValue::slot(0)),
                 "{last} {protocol:?}"
             );
         }
