@@ -4,8 +4,15 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
+mod icmp;
 mod maps;
+mod nat;
+mod parse;
+mod reject;
+mod select;
 mod sock;
+mod tc;
 
 #[cfg(not(test))]
 #[panic_handler]

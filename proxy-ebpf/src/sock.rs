@@ -5,26 +5,24 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_set_retval,
-    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Counter, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, lb, proto, scope, service_flags,
+    Counter, ServiceKey, SockRevNatKey, SockRevNatValue, proto, scope, service_flags,
 };
 
-use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, SOCK_REV_NAT, count};
+use crate::{
+    maps::{BACKENDS, SERVICES, SOCK_REV_NAT, count},
+    select,
+};
 
 /// sock_addr verdicts.
 const REJECT: i32 = 0;
 const PROCEED: i32 = 1;
 const ECONNREFUSED: i32 = 111;
 const EHOSTUNREACH: i32 = 113;
-const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb4_connect(ctx: SockAddrContext) -> i32 {
@@ -82,7 +80,8 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         unsafe { bpf_set_retval(retval) };
         return REJECT;
     }
-    let Some(backend_id) = select_backend(ctx, &master_key, &master) else {
+    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(backend_id) = select::backend_for(client, &master_key, &master) else {
         return refuse_inconsistent();
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
@@ -135,61 +134,6 @@ fn refuse_inconsistent() -> i32 {
     count(Counter::MissingBackend);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
-}
-
-/// The backend for a new flow: the client's affinity entry while it is fresh
-/// and still points into the set this frontend selects (rule 23), otherwise
-/// a uniform pick.
-#[inline(always)]
-fn select_backend(
-    ctx: &SockAddrContext,
-    master_key: &ServiceKey,
-    master: &ServiceValue,
-) -> Option<u32> {
-    if master.affinity_timeout == 0 {
-        return pick_slot(master_key, master.count);
-    }
-    let now = (unsafe { bpf_ktime_get_ns() } / NANOS_PER_SEC) as u32;
-    let affinity_key = AffinityKey {
-        client: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-        svc_id: master.svc_id,
-        selection: master.selection as u32,
-    };
-    let mut backend_id = 0;
-    if let Some(entry) = AFFINITY.get_ptr(affinity_key) {
-        let entry = unsafe { *entry };
-        let fresh = now.wrapping_sub(entry.last_used) <= master.affinity_timeout;
-        let selected = AFFINITY_MATCH
-            .get_ptr(AffinityMatchKey {
-                backend_id: entry.backend_id,
-                svc_id: master.svc_id,
-                selection: master.selection as u32,
-            })
-            .is_some();
-        if fresh && selected {
-            count(Counter::AffinityHit);
-            backend_id = entry.backend_id;
-        }
-    }
-    if backend_id == 0 {
-        backend_id = pick_slot(master_key, master.count)?;
-    }
-    let refreshed = AffinityValue {
-        backend_id,
-        last_used: now,
-    };
-    // A failed refresh only costs stickiness for the next flow.
-    let _ = AFFINITY.insert(affinity_key, refreshed, 0);
-    Some(backend_id)
-}
-
-/// Uniform slot in `1..=count`.
-#[inline(always)]
-fn pick_slot(master_key: &ServiceKey, count: u16) -> Option<u32> {
-    let random = unsafe { bpf_get_prandom_u32() };
-    SERVICES
-        .get_ptr(master_key.with_slot(lb::slot_for(random, count)))
-        .map(|value| unsafe { (*value).backend_id })
 }
 
 /// Backend -> frontend, for sockets this program translated.

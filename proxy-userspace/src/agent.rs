@@ -55,6 +55,9 @@ pub struct AgentConfig {
     pub healthz_bind_address: SocketAddr,
     pub metrics_bind_address: SocketAddr,
     pub nodeport_addresses: NodePortAddresses,
+    /// Devices external traffic arrives on (tc programs attach there).
+    pub devices: Vec<String>,
+    pub capacities: programs::Capacities,
     /// A change waiting longer than this, or a source failing longer than
     /// this, makes /healthz fail.
     pub health_timeout: Duration,
@@ -86,14 +89,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let health_listener = http::bind(config.healthz_bind_address, "health").await?;
     let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
 
-    programs::install(&config.bpffs, &config.cgroup)?;
-    let maps = PinnedMaps::open(&config.bpffs).context("opening the pinned maps")?;
+    programs::check_devices(&config.devices)?;
+    let mut datapath = programs::Datapath::load(&config.bpffs, &config.capacities)?;
+    let maps = PinnedMaps::open_in(datapath.maps_dir()).context("opening the pinned maps")?;
     let mut reconciler = Reconciler::new(maps).context("reading back the pinned maps")?;
+    // New maps (a migration) are filled before any program uses them.
+    if !datapath.migrating() {
+        datapath.attach(&config.cgroup, &config.devices)?;
+    }
     tracing::info!(
         bpffs = %config.bpffs.display(),
         cgroup = %config.cgroup.display(),
+        devices = %config.devices.join(","),
         frontends = reconciler.frontend_count(),
-        "datapath attached"
+        migrating = datapath.migrating(),
+        "datapath loaded"
     );
     let mut servers = tokio::spawn(serve_endpoints(
         health_listener,
@@ -135,10 +145,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 bail!("the source stopped");
             }
         }
-        if let Some(desired) = pending.take()
-            && !sync.program(&mut reconciler, &desired)
-        {
-            pending = Some(desired);
+        if let Some(desired) = pending.take() {
+            if !sync.program(&mut reconciler, &desired) {
+                pending = Some(desired);
+            } else if datapath.migrating() {
+                datapath.attach(&config.cgroup, &config.devices)?;
+                datapath.finish_migration()?;
+            }
         }
     }
     tracing::info!(bpffs = %config.bpffs.display(), "exiting; the datapath stays pinned and keeps serving");

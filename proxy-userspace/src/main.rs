@@ -4,7 +4,11 @@ use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use proxy_userspace::{agent, host, inspect, model::NodePortAddresses, programs};
+use proxy_userspace::{
+    agent, host, inspect,
+    model::NodePortAddresses,
+    programs::{self, Capacities},
+};
 
 const DEFAULT_BPFFS: &str = "/sys/fs/bpf/ebpf-proxy";
 
@@ -65,6 +69,24 @@ struct AgentArgs {
     /// loopback only through a range inside 127.0.0.0/8).
     #[arg(long, default_value = "primary", value_parser = parse_nodeport_addresses)]
     nodeport_addresses: NodePortAddresses,
+    /// Devices external traffic arrives on (comma-separated): NodePorts,
+    /// externalIPs and LoadBalancer IPs are translated there by tc.
+    /// Default: the device of the default route.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Entries of the frontend map (masters, backend slots, rule 9
+    /// entries): 100k ClusterIP Services with one endpoint need 400k.
+    #[arg(long, default_value_t = Capacities::default().services)]
+    max_services: u32,
+    /// Entries of the backend map.
+    #[arg(long, default_value_t = Capacities::default().backends)]
+    max_backends: u32,
+    /// Tracked external flows (the conntrack table; LRU, preallocated).
+    #[arg(long, default_value_t = Capacities::default().conntrack)]
+    conntrack_entries: u32,
+    /// Reply/NAT entries of tracked flows (LRU, preallocated).
+    #[arg(long, default_value_t = Capacities::default().nat)]
+    nat_entries: u32,
     /// Address of /metrics (Prometheus text).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
@@ -173,6 +195,11 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         Some(cgroup) => cgroup,
         None => programs::default_cgroup2()?,
     };
+    let devices = if args.devices.is_empty() {
+        vec![programs::default_route_device()?]
+    } else {
+        args.devices
+    };
     let source = match args.manifests {
         Some(dir) => agent::SourceConfig::Manifests {
             dir,
@@ -190,6 +217,13 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         healthz_bind_address: args.healthz_bind_address,
         metrics_bind_address: args.metrics_bind_address,
         nodeport_addresses: args.nodeport_addresses,
+        devices,
+        capacities: Capacities {
+            services: args.max_services,
+            backends: args.max_backends,
+            conntrack: args.conntrack_entries,
+            nat: args.nat_entries,
+        },
         health_timeout: args.health_timeout,
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -58,9 +58,12 @@ pub trait Datapath {
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DatapathError>;
 }
 
+/// The directory under the agent's bpffs directory that holds the maps.
+const MAPS_DIR: &str = "maps";
+
 /// Where a map is pinned under the agent's bpffs directory.
 pub fn pin_path(bpffs: &Path, map: &str) -> PathBuf {
-    bpffs.join("maps").join(map)
+    bpffs.join(MAPS_DIR).join(map)
 }
 
 /// Opens a pinned map, saying which one and where when it is missing.
@@ -76,20 +79,26 @@ pub struct PinnedMaps {
 }
 
 impl PinnedMaps {
+    /// The maps an agent serves with, under `<bpffs>/maps/`.
     pub fn open(bpffs: &Path) -> Result<Self, DatapathError> {
+        Self::open_in(&bpffs.join(MAPS_DIR))
+    }
+
+    /// The maps pinned in `dir` (during a migration: the new maps).
+    pub fn open_in(dir: &Path) -> Result<Self, DatapathError> {
         Ok(Self {
-            services: open_hash(bpffs, map_names::SERVICES)?,
-            backends: open_hash(bpffs, map_names::BACKENDS)?,
-            affinity_match: open_hash(bpffs, map_names::AFFINITY_MATCH)?,
+            services: open_hash(dir, map_names::SERVICES)?,
+            backends: open_hash(dir, map_names::BACKENDS)?,
+            affinity_match: open_hash(dir, map_names::AFFINITY_MATCH)?,
         })
     }
 }
 
 fn open_hash<K: aya::Pod, V: aya::Pod>(
-    bpffs: &Path,
+    dir: &Path,
     map: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    let data = open_pinned(bpffs, map)?;
+    let data = MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))?;
     HashMap::try_from(Map::HashMap(data)).map_err(map_err(map, "open as hash"))
 }
 

@@ -2,11 +2,20 @@
 //!
 //! Everything the datapath needs outlives the agent: maps are pinned under
 //! `<bpffs>/maps/`, and each attachment is a BPF link pinned under
-//! `<bpffs>/links/`. A restarted agent reuses the map pins (so no entry is
-//! lost) and attaches its own programs before the old links are unpinned,
-//! so at no moment is a socket left without translation. Removing the
-//! `<bpffs>` directory detaches everything.
+//! `<bpffs>/links/` (socket hooks on the cgroup, tc on every `--devices`
+//! device). A restarted agent reuses the map pins (so no entry is lost)
+//! and attaches its own programs before the old links are unpinned, so at
+//! no moment is traffic left without translation. Removing the `<bpffs>`
+//! directory detaches everything.
+//!
+//! Maps pinned by another layout (an older agent) or with other capacities
+//! are not reused: new maps are built in `<bpffs>/maps_next/`, the agent
+//! fills them, attaches its programs to them and only then makes them
+//! `<bpffs>/maps/` and removes the old ones ([`Datapath::finish_migration`]).
+//! Flow state (conntrack, affinity, socket rev-NAT) is copied over where
+//! its layout did not change.
 
+mod migrate;
 mod mounts;
 
 use std::{
@@ -17,17 +26,18 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::{
-    EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink,
+        tc::TcAttachOptions,
+    },
 };
-use proxy_common::map_names;
+use proxy_common::{map_names, map_sizes};
 
 pub use mounts::{check_bpffs, check_cgroup2, default_cgroup2};
 
-use crate::maps;
-
 /// The eBPF object, built by this crate's build script.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// The socket-level programs, each attached to the cgroup.
 pub const SOCK_PROGRAMS: [&str; 4] = [
@@ -37,61 +47,248 @@ pub const SOCK_PROGRAMS: [&str; 4] = [
     "lb4_getpeername",
 ];
 
-fn link_pin_path(bpffs: &Path, program: &str) -> PathBuf {
-    bpffs.join("links").join(program)
+/// The packet-level programs and where each is attached on a device.
+pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("tc_ingress", TcAttachType::Ingress),
+    ("tc_egress", TcAttachType::Egress),
+];
+
+const MAPS_DIR: &str = "maps";
+const STAGING_DIR: &str = "maps_next";
+const RETIRED_DIR: &str = "maps_old";
+const LINKS_DIR: &str = "links";
+
+/// Sizes of the maps that grow with the cluster, set at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// `lb4_services` entries: masters, backend slots and rule 9 entries.
+    pub services: u32,
+    /// `lb4_backends` entries (also bounds affinity-match pairs).
+    pub backends: u32,
+    /// Tracked external flows (`lb4_ct`).
+    pub conntrack: u32,
+    /// Their reply/NAT entries (`lb4_ct_reply`).
+    pub nat: u32,
 }
 
-/// Loads the programs against the pinned maps (creating the pins on first
-/// start) and attaches them to `cgroup`, replacing the links a previous
-/// agent left.
-pub fn install(bpffs: &Path, cgroup: &Path) -> Result<()> {
-    check_bpffs(bpffs)?;
-    check_cgroup2(cgroup)?;
-    for dir in ["maps", "links"] {
-        fs::create_dir_all(bpffs.join(dir))
-            .with_context(|| format!("creating {}", bpffs.join(dir).display()))?;
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            services: map_sizes::SERVICES,
+            backends: map_sizes::BACKENDS,
+            conntrack: map_sizes::CONNTRACK,
+            nat: map_sizes::CT_REPLY,
+        }
+    }
+}
+
+impl Capacities {
+    /// `max_entries` per map name; maps not named keep the object's size.
+    fn max_entries(&self) -> [(&'static str, u32); 6] {
+        // A frontend has at least a master and a slot, so a quarter of the
+        // services entries bounds the frontends, each with one rev-NAT id.
+        let frontends = (self.services / 4).max(1024);
+        [
+            (map_names::SERVICES, self.services),
+            (map_names::BACKENDS, self.backends),
+            (map_names::AFFINITY_MATCH, self.backends),
+            (map_names::REV_NAT, frontends),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::CT_REPLY, self.nat),
+        ]
+    }
+}
+
+/// The loaded object with its maps pinned, ready to be attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    bpffs: PathBuf,
+    maps_dir: PathBuf,
+    migrating: bool,
+}
+
+impl Datapath {
+    /// Loads the object against the pinned maps: those of `<bpffs>/maps/`
+    /// when they have this build's layout and `capacities`, otherwise new
+    /// ones in the staging directory (a migration).
+    pub fn load(bpffs: &Path, capacities: &Capacities) -> Result<Self> {
+        check_bpffs(bpffs)?;
+        for dir in [LINKS_DIR, MAPS_DIR] {
+            fs::create_dir_all(bpffs.join(dir))
+                .with_context(|| format!("creating {}", bpffs.join(dir).display()))?;
+        }
+        let current = bpffs.join(MAPS_DIR);
+        let staging = bpffs.join(STAGING_DIR);
+        // A staging directory is left only by an interrupted migration;
+        // the current maps still serve, so it is built anew.
+        remove_dir_if_present(&staging)?;
+        if migrate::is_empty(&current)? {
+            let ebpf = load_pinned(&current, capacities)?;
+            return Ok(Self::new(ebpf, bpffs, current, false));
+        }
+        let staged = load_pinned(&staging, capacities)?;
+        let differences = migrate::differences(&current, &staging)?;
+        if differences.is_empty() {
+            drop(staged);
+            fs::remove_dir_all(&staging)
+                .with_context(|| format!("removing {}", staging.display()))?;
+            let ebpf = load_pinned(&current, capacities)?;
+            return Ok(Self::new(ebpf, bpffs, current, false));
+        }
+        tracing::info!(
+            from = %current.display(),
+            to = %staging.display(),
+            differences = %differences.join("; "),
+            "pinned maps have another layout or size: migrating"
+        );
+        let copied = migrate::copy_flow_state(&current, &staging)?;
+        tracing::info!(
+            conntrack = copied.conntrack,
+            ct_reply = copied.ct_reply,
+            affinity = copied.affinity,
+            sock_rev_nat = copied.sock_rev_nat,
+            "flow state copied to the new maps"
+        );
+        Ok(Self::new(staged, bpffs, staging, true))
     }
 
+    fn new(ebpf: Ebpf, bpffs: &Path, maps_dir: PathBuf, migrating: bool) -> Self {
+        Self {
+            ebpf,
+            bpffs: bpffs.to_path_buf(),
+            maps_dir,
+            migrating,
+        }
+    }
+
+    /// Where the maps this datapath uses are pinned (the reconciler opens
+    /// them here).
+    pub fn maps_dir(&self) -> &Path {
+        &self.maps_dir
+    }
+
+    /// Whether the maps are new ones that must be filled before
+    /// [`Datapath::attach`] (so traffic never meets empty maps).
+    pub fn migrating(&self) -> bool {
+        self.migrating
+    }
+
+    /// Attaches the socket programs to `cgroup` and the tc programs to each
+    /// of `devices`, replacing the links a previous agent left; links of
+    /// devices no longer listed are removed.
+    pub fn attach(&mut self, cgroup: &Path, devices: &[String]) -> Result<()> {
+        check_cgroup2(cgroup)?;
+        let links = self.bpffs.join(LINKS_DIR);
+        let cgroup_dir =
+            File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in SOCK_PROGRAMS {
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            let link_id = program
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            let link: FdLink = program.take_link(link_id)?.try_into().with_context(|| {
+                format!("{name}: the kernel did not give a BPF link (needs 5.7+)")
+            })?;
+            pin_replacing(link, &links.join(name))?;
+        }
+        let mut wanted: Vec<String> = SOCK_PROGRAMS.iter().map(|n| n.to_string()).collect();
+        for (name, attach_type) in TC_PROGRAMS {
+            let program: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+            for device in devices {
+                let link_id = program
+                    .attach_with_options(
+                        device,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(Default::default()),
+                    )
+                    .with_context(|| {
+                        format!("attaching {name} to device {device} (TCX, Linux 6.6+)")
+                    })?;
+                let link: FdLink = program
+                    .take_link(link_id)?
+                    .try_into()
+                    .with_context(|| format!("{name} on {device}: not a TCX link"))?;
+                let pin = format!("{name}_{device}");
+                pin_replacing(link, &links.join(&pin))?;
+                wanted.push(pin);
+            }
+        }
+        remove_links_except(&links, &wanted)
+    }
+
+    /// The new maps become `<bpffs>/maps/`; the old ones, which no attached
+    /// program uses any more, are removed.
+    pub fn finish_migration(&mut self) -> Result<()> {
+        if !self.migrating {
+            return Ok(());
+        }
+        let current = self.bpffs.join(MAPS_DIR);
+        let retired = self.bpffs.join(RETIRED_DIR);
+        remove_dir_if_present(&retired)?;
+        fs::rename(&current, &retired)
+            .with_context(|| format!("renaming {} to {}", current.display(), retired.display()))?;
+        fs::rename(&self.maps_dir, &current).with_context(|| {
+            format!(
+                "renaming {} to {}",
+                self.maps_dir.display(),
+                current.display()
+            )
+        })?;
+        fs::remove_dir_all(&retired).with_context(|| format!("removing {}", retired.display()))?;
+        self.maps_dir = current;
+        self.migrating = false;
+        tracing::info!(maps = %self.maps_dir.display(), "migration finished; old maps removed");
+        Ok(())
+    }
+}
+
+/// Loads the object with every map pinned in `dir` (created there when
+/// missing) at the given capacities.
+fn load_pinned(dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let map_pins: Vec<(&str, PathBuf)> = map_names::ALL
         .iter()
-        .map(|name| (*name, maps::pin_path(bpffs, name)))
+        .map(|name| (*name, dir.join(name)))
         .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
+    for (name, max_entries) in capacities.max_entries() {
+        loader.map_max_entries(name, max_entries);
+    }
     let mut ebpf = loader.load(OBJECT).map_err(|err| {
         anyhow::Error::new(err).context(format!(
-            "loading the eBPF object with maps pinned under {}: if a pinned map has an \
-             incompatible layout (left by another version), remove {} (this drops the \
-             live datapath state); if permission is denied, run as root or with CAP_BPF, \
-             CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON",
-            bpffs.join("maps").display(),
-            bpffs.display()
+            "loading the eBPF object with maps pinned under {}: if permission is denied, run \
+             as root or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON",
+            dir.display()
         ))
     })?;
-
-    let cgroup_dir =
-        File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+    // Every program passes the verifier before anything is attached.
     for name in SOCK_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("program {name} is not a cgroup sock_addr program"))?;
+        let program: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         program
             .load()
             .with_context(|| format!("loading program {name} (verifier log above, if any)"))?;
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
-        let link: FdLink = program
-            .take_link(link_id)?
-            .try_into()
-            .with_context(|| format!("{name}: the kernel did not give a BPF link (needs 5.7+)"))?;
-        pin_replacing(link, &link_pin_path(bpffs, name))?;
     }
-    Ok(())
+    for (name, _) in TC_PROGRAMS {
+        let program: &mut SchedClassifier = program(&mut ebpf, name)?;
+        program
+            .load()
+            .with_context(|| format!("loading program {name} (verifier log above, if any)"))?;
+    }
+    Ok(ebpf)
+}
+
+/// A program of the object, as its type.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("program {name} has an unexpected type"))
 }
 
 /// Pins `link` at `path`, atomically replacing a link pinned there: the new
@@ -117,6 +314,19 @@ fn pin_replacing(link: FdLink, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Unpins (detaches) every link in `dir` whose name is not in `wanted`.
+fn remove_links_except(dir: &Path, wanted: &[String]) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !wanted.contains(&name) {
+            tracing::info!(link = %name, "detaching a link this agent no longer uses");
+            remove_if_present(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn remove_if_present(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Ok(_) => fs::remove_file(path).with_context(|| format!("removing {}", path.display())),
@@ -125,17 +335,97 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
+fn remove_dir_if_present(path: &Path) -> Result<()> {
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err).with_context(|| format!("removing {}", path.display())),
+    }
+}
+
+/// The device of the default route in this network namespace: where
+/// external traffic arrives when `--devices` is not given.
+pub fn default_route_device() -> Result<String> {
+    let routes = fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
+    default_route_in(&routes).context(
+        "no IPv4 default route in this network namespace: pass --devices with the node's \
+         external devices",
+    )
+}
+
+/// The interface of the first default route (destination and mask 0) of a
+/// `/proc/net/route` text.
+fn default_route_in(routes: &str) -> Option<String> {
+    routes.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")
+            .then(|| fields[0].to_string())
+    })
+}
+
+/// Fails with a clear message when a device does not exist here.
+pub fn check_devices(devices: &[String]) -> Result<()> {
+    for device in devices {
+        if !Path::new("/sys/class/net").join(device).exists() {
+            bail!(
+                "--devices: no network device {device:?} in this network namespace (see `ip link`)"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Detaches the programs and drops every pinned map and link: what
 /// `ebpf-proxy uninstall` does. Live translations stop.
 pub fn uninstall(bpffs: &Path) -> Result<()> {
     if !bpffs.exists() {
         return Ok(());
     }
-    if !bpffs.join("maps").exists() && !bpffs.join("links").exists() {
+    if !bpffs.join(MAPS_DIR).exists() && !bpffs.join(LINKS_DIR).exists() {
         bail!(
             "{} does not look like an ebpf-proxy pin directory",
             bpffs.display()
         );
     }
     fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_route_device_is_read_from_proc_net_route() {
+        let routes = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth1\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+eth0\t00000000\t0100A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+";
+        assert_eq!(default_route_in(routes), Some("eth0".to_string()));
+        assert_eq!(
+            default_route_in(
+                routes
+                    .lines()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+                    .as_str()
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn capacities_size_the_growing_maps() {
+        let capacities = Capacities {
+            services: 4096,
+            backends: 100,
+            conntrack: 10,
+            nat: 20,
+        };
+        let sizes = capacities.max_entries();
+        assert!(sizes.contains(&(map_names::SERVICES, 4096)));
+        assert!(sizes.contains(&(map_names::REV_NAT, 1024)));
+        assert!(sizes.contains(&(map_names::CT_REPLY, 20)));
+    }
 }

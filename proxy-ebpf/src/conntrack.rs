@@ -1,0 +1,85 @@
+//! Conntrack of translated external flows: what a flow's packets are
+//! rewritten to after its first one, so established flows keep their
+//! backend (rule 29) and skip reject, drop and source-range checks
+//! (rule 22). The agent expires idle entries (timeouts by state).
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use proxy_common::{CtEntry, Flow4, ct_state, proto};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK},
+    parse::tcp_flags,
+};
+
+#[inline(always)]
+pub fn now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The state a flow starts in, from its first packet.
+#[inline(always)]
+pub fn initial_state(protocol: u8, flags: u8) -> u8 {
+    if protocol != proto::TCP {
+        ct_state::DATAGRAM
+    } else if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        ct_state::TCP_CLOSING
+    } else if flags & tcp_flags::SYN != 0 {
+        ct_state::TCP_SYN
+    } else {
+        // Picked up mid-flow (e.g. its entry was evicted): it was established.
+        ct_state::TCP_ESTABLISHED
+    }
+}
+
+/// The state after a packet with TCP `flags`, either direction.
+#[inline(always)]
+fn next_state(state: u8, flags: u8, from_client: bool) -> u8 {
+    if state == ct_state::DATAGRAM {
+        return state;
+    }
+    if flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        ct_state::TCP_CLOSING
+    } else if state == ct_state::TCP_SYN
+        && from_client
+        && flags & tcp_flags::ACK != 0
+        && flags & tcp_flags::SYN == 0
+    {
+        ct_state::TCP_ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// The tracked flow of a client's packet, while its backend still exists
+/// as it was chosen. A SYN on a closing flow starts a new flow (port
+/// reuse), as does a flow whose backend is gone.
+#[inline(always)]
+pub fn established(flow: &Flow4, flags: u8) -> Option<CtEntry> {
+    let entry_ptr = CONNTRACK.get_ptr_mut(flow)?;
+    let entry = unsafe { *entry_ptr };
+    if entry.state == ct_state::TCP_CLOSING && flags & tcp_flags::SYN != 0 {
+        return None;
+    }
+    let backend = BACKENDS.get_ptr(entry.backend_id)?;
+    let backend = unsafe { *backend };
+    if backend.addr != entry.backend_addr || backend.port != entry.backend_port {
+        return None;
+    }
+    // Racing writers on other CPUs only blur the timestamp.
+    unsafe {
+        (*entry_ptr).last_seen = now();
+        (*entry_ptr).state = next_state(entry.state, flags, true);
+    }
+    Some(entry)
+}
+
+/// Marks a reply of the flow `original` (client -> frontend) as seen.
+#[inline(always)]
+pub fn touch_from_backend(original: &Flow4, flags: u8) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(original) {
+        unsafe {
+            (*entry).last_seen = now();
+            (*entry).state = next_state((*entry).state, flags, false);
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! Address and port rewrites with their checksums, SNAT port allocation and
+//! the hand-off of a rewritten packet: to the kernel's routing (local
+//! backends) or straight out of the right device (`bpf_redirect_neigh`).
+
+use core::mem;
+
+use aya_ebpf::{
+    bindings::{BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_fib_lookup},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_get_prandom_u32, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use proxy_common::{Counter, CtReply, Flow4, nat_ports};
+
+use crate::{
+    maps::{CT_REPLY, count},
+    parse::{IP_CSUM, IP_DST, IP_OFF, IP_SRC, IP_TTL, Ipv4, Ports},
+};
+
+const AF_INET: u8 = 2;
+const BPF_FIB_LOOKUP_SRC: u32 = 16;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// Which end of a packet a rewrite changes.
+#[derive(Clone, Copy)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end's address and port, fixing the IPv4 checksum and the
+/// L4 checksum (its pseudo-header covers the address).
+#[inline(always)]
+pub fn rewrite(
+    ctx: &TcContext,
+    ports: &Ports,
+    l4_off: usize,
+    end: End,
+    (old_addr, old_port): (u32, u16),
+    (new_addr, new_port): (u32, u16),
+) -> Result<(), ()> {
+    let (addr_off, port_off) = match end {
+        End::Source => (IP_OFF + IP_SRC, l4_off),
+        End::Destination => (IP_OFF + IP_DST, l4_off + 2),
+    };
+    if old_addr != new_addr {
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| ())?;
+        ctx.l3_csum_replace(IP_OFF + IP_CSUM, old_addr as u64, new_addr as u64, 4)
+            .map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            ports.csum_off,
+            old_addr as u64,
+            new_addr as u64,
+            BPF_F_PSEUDO_HDR as u64 | ports.csum_flags | 4,
+        )
+        .map_err(|_| ())?;
+    }
+    if old_port != new_port {
+        ctx.store(port_off, &new_port, 0).map_err(|_| ())?;
+        ctx.l4_csum_replace(
+            ports.csum_off,
+            old_port as u64,
+            new_port as u64,
+            ports.csum_flags | 2,
+        )
+        .map_err(|_| ())?;
+    }
+    Ok(())
+}
+
+/// Takes one hop off the TTL of a packet this program forwards itself
+/// (the kernel's forwarding, which would, is bypassed). A packet with no
+/// hop left is dropped and counted.
+#[inline(always)]
+pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<(), ()> {
+    if ip.ttl <= 1 {
+        count(Counter::DroppedTtlExceeded);
+        return Err(());
+    }
+    let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+    let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
+    ctx.store(IP_OFF + IP_TTL, &(ip.ttl - 1), 0)
+        .map_err(|_| ())?;
+    ctx.l3_csum_replace(IP_OFF + IP_CSUM, old as u64, new as u64, 2)
+        .map_err(|_| ())
+}
+
+/// A route towards `daddr` as the kernel would forward a packet that came
+/// in on `ifindex`: the device it leaves by and the source address the
+/// route prefers there (`BPF_FIB_LOOKUP_SRC`: multi-homed nodes SNAT to
+/// the right address).
+#[derive(Clone, Copy)]
+pub struct Route {
+    pub ifindex: u32,
+    pub source: u32,
+}
+
+#[inline(always)]
+pub fn route(ctx: &TcContext, ip: &Ipv4, ports: &Ports, daddr: u32) -> Option<Route> {
+    let mut params: bpf_fib_lookup = unsafe { mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = ip.proto;
+    params.sport = ports.sport;
+    params.dport = ports.dport;
+    params.__bindgen_anon_1.tot_len = ip.total_len as u16;
+    params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    params.__bindgen_anon_3.ipv4_src = ip.saddr;
+    params.__bindgen_anon_4.ipv4_dst = daddr;
+    let ret = unsafe {
+        fib_lookup(
+            ctx.skb.skb as *mut _,
+            &mut params,
+            mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_SRC,
+        )
+    };
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return None;
+    }
+    Some(Route {
+        ifindex: params.ifindex,
+        source: unsafe { params.__bindgen_anon_3.ipv4_src },
+    })
+}
+
+/// Sends the packet out of `route`'s device; the kernel fills in both MAC
+/// addresses from its neighbour table (resolving it if needed).
+#[inline(always)]
+pub fn redirect(route: &Route) -> i32 {
+    let ret = unsafe { bpf_redirect_neigh(route.ifindex, core::ptr::null_mut(), 0, 0) };
+    if ret == TC_ACT_REDIRECT as i64 {
+        TC_ACT_REDIRECT as i32
+    } else {
+        count(Counter::DroppedNoRoute);
+        TC_ACT_SHOT as i32
+    }
+}
+
+/// Claims a free SNAT port on `nat_addr` towards the flow's backend by
+/// inserting the reply entry under it: the insert only succeeds for a
+/// reply tuple nobody holds, so two flows never share one.
+#[inline(always)]
+pub fn claim_snat_port(
+    backend_addr: u32,
+    backend_port: u16,
+    nat_addr: u32,
+    protocol: u8,
+    reply: &CtReply,
+) -> Option<u16> {
+    const SPAN: u32 = (nat_ports::LAST - nat_ports::FIRST) as u32 + 1;
+    for _ in 0..nat_ports::TRIES {
+        let random = unsafe { bpf_get_prandom_u32() };
+        let port = (nat_ports::FIRST as u32 + random % SPAN) as u16;
+        let port = port.to_be();
+        let key = Flow4::new(backend_addr, nat_addr, backend_port, port, protocol);
+        if CT_REPLY.insert(key, *reply, BPF_NOEXIST as u64).is_ok() {
+            return Some(port);
+        }
+    }
+    None
+}
