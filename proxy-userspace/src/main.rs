@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: attach the datapath and keep it in sync.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the frontends the datapath holds and the backends they select.
     Services(ListArgs),
     /// List the backends the datapath holds.
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Agent(args) => run_agent(args),
+        Command::Agent(args) => run_agent(*args),
         Command::Services(args) => {
             let rows = inspect::frontends(&args.bpffs)?;
             print(
