@@ -71,7 +71,8 @@ struct AgentArgs {
     nodeport_addresses: NodePortAddresses,
     /// Devices external traffic arrives on (comma-separated): NodePorts,
     /// externalIPs and LoadBalancer IPs are translated there by tc.
-    /// Default: the device of the default route.
+    /// Default: the device of the default route (none without one: then
+    /// only the socket level translates).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// Entries of the frontend map (masters, backend slots, rule 9
@@ -196,7 +197,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         None => programs::default_cgroup2()?,
     };
     let devices = if args.devices.is_empty() {
-        vec![programs::default_route_device()?]
+        programs::default_route_device()?.into_iter().collect()
     } else {
         args.devices
     };

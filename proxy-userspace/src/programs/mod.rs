@@ -344,13 +344,18 @@ fn remove_dir_if_present(path: &Path) -> Result<()> {
 }
 
 /// The device of the default route in this network namespace: where
-/// external traffic arrives when `--devices` is not given.
-pub fn default_route_device() -> Result<String> {
+/// external traffic arrives when `--devices` is not given. Without a
+/// default route nothing arrives from outside, so no device is used.
+pub fn default_route_device() -> Result<Option<String>> {
     let routes = fs::read_to_string("/proc/net/route").context("reading /proc/net/route")?;
-    default_route_in(&routes).context(
-        "no IPv4 default route in this network namespace: pass --devices with the node's \
-         external devices",
-    )
+    let device = default_route_in(&routes);
+    if device.is_none() {
+        tracing::warn!(
+            "no IPv4 default route and no --devices: traffic from outside the node is not \
+             translated (only sockets on the node are)"
+        );
+    }
+    Ok(device)
 }
 
 /// The interface of the first default route (destination and mask 0) of a
