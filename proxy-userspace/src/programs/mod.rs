@@ -254,15 +254,26 @@ fn load_pinned(dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
+    load_with(&mut loader, capacities)
+        .with_context(|| format!("with the maps pinned under {}", dir.display()))
+}
+
+/// Loads the object with maps of its own, pinned nowhere and attached to
+/// nothing: for running the programs on crafted packets
+/// (`BPF_PROG_TEST_RUN`) in tests and benchmarks.
+pub fn load_detached(capacities: &Capacities) -> Result<Ebpf> {
+    load_with(&mut EbpfLoader::new(), capacities)
+}
+
+fn load_with(loader: &mut EbpfLoader, capacities: &Capacities) -> Result<Ebpf> {
     for (name, max_entries) in capacities.max_entries() {
         loader.map_max_entries(name, max_entries);
     }
     let mut ebpf = loader.load(OBJECT).map_err(|err| {
-        anyhow::Error::new(err).context(format!(
-            "loading the eBPF object with maps pinned under {}: if permission is denied, run \
-             as root or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON",
-            dir.display()
-        ))
+        anyhow::Error::new(err).context(
+            "loading the eBPF object: if permission is denied, run as root or with CAP_BPF, \
+             CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON",
+        )
     })?;
     // Every program passes the verifier before anything is attached.
     for name in SOCK_PROGRAMS {
