@@ -22,6 +22,7 @@
 //! removes whatever a dead process of that prefix left behind.
 
 pub mod apiserver;
+pub mod tc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::{
