@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod conntrack;
+pub mod explain;
 pub mod health;
 pub mod healthcheck;
 pub mod host;
