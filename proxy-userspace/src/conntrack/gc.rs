@@ -163,6 +163,7 @@ pub fn sweep<T: ConntrackTables>(
         ..GcReport::default()
     };
     let mut referenced = HashSet::with_capacity(flows.len());
+    let mut vanished = 0;
     for (key, entry) in &flows {
         let current = match verdict(entry, now_ns, backends.get(&entry.backend_id)) {
             Verdict::Keep => Some(*entry),
@@ -175,14 +176,17 @@ pub fn sweep<T: ConntrackTables>(
                     report.busy += 1;
                     Some(current)
                 }
-                Removed::AlreadyGone => None,
+                Removed::AlreadyGone => {
+                    vanished += 1;
+                    None
+                }
             },
         };
         if let Some(current) = current {
             referenced.insert(reply_key(key, &current));
         }
     }
-    report.entries = report.scanned - report.expired();
+    report.entries = report.scanned - report.expired() - vanished;
     report.orphans_removed = remove_orphans(tables, orphans, &replies, &referenced)?;
     report.duration = started.elapsed();
     Ok(report)
