@@ -21,6 +21,7 @@ use tokio::{
 };
 
 use crate::{
+    conntrack::{self, ConntrackGc},
     health::Health,
     healthcheck::HealthCheckServers,
     host, http,
@@ -111,6 +112,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         metrics_listener,
         metrics.clone(),
     ));
+    let mut conntrack_gc = tokio::spawn(collect_conntrack(config.bpffs.clone(), metrics.clone()));
     let mut sync = SyncLoop {
         health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
         health,
@@ -139,6 +141,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             served = &mut servers => {
                 let Err(err) = served.context("http server task")?;
                 return Err(err.context("http server stopped"));
+            }
+            collected = &mut conntrack_gc => {
+                let Err(err) = collected.context("conntrack GC task")?;
+                return Err(err.context("conntrack GC stopped"));
             }
             ended = &mut source => {
                 ended.context("source task")?;
@@ -228,6 +234,45 @@ async fn serve_endpoints(
     tokio::select! {
         failed = health => failed,
         failed = metrics => failed,
+    }
+}
+
+/// Removes finished conntrack entries, at the interval the collector
+/// adapts, walking the tables on a blocking thread. A failed run is retried
+/// at the next interval.
+async fn collect_conntrack(bpffs: PathBuf, metrics: Metrics) -> Result<std::convert::Infallible> {
+    let mut gc = ConntrackGc::new(&bpffs);
+    loop {
+        tokio::time::sleep(gc.next_interval()).await;
+        let (returned, result) = tokio::task::spawn_blocking(move || {
+            let result = conntrack::monotonic_coarse_ns()
+                .context("reading CLOCK_MONOTONIC_COARSE")
+                .and_then(|now_ns| gc.run_once(now_ns));
+            (gc, result)
+        })
+        .await
+        .context("conntrack GC run")?;
+        gc = returned;
+        match result {
+            Ok(report) => {
+                metrics.observe_conntrack_gc(&report);
+                tracing::debug!(
+                    scanned = report.scanned,
+                    entries = report.entries,
+                    idle_timeout = report.idle_timeout,
+                    backend_gone = report.backend_gone,
+                    busy = report.busy,
+                    orphans_removed = report.orphans_removed,
+                    took = ?report.duration,
+                    next_in = ?gc.next_interval(),
+                    "conntrack GC"
+                );
+            }
+            Err(err) => tracing::warn!(
+                error = format!("{err:#}"),
+                "conntrack GC failed; retrying at the next interval"
+            ),
+        }
     }
 }
 

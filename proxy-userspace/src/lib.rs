@@ -9,6 +9,8 @@
 //! and `/metrics` over the small [`http`] responder.
 
 pub mod agent;
+pub mod conntrack;
+pub mod explain;
 pub mod health;
 pub mod healthcheck;
 pub mod host;

@@ -1,12 +1,18 @@
 //! `ebpf-proxy`: the node agent and the operator's view of the datapath.
 
-use std::{io::IsTerminal, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_userspace::{
-    agent, host, inspect,
-    model::NodePortAddresses,
+    agent, conntrack, explain, host, inspect,
+    model::{NodePortAddresses, Protocol},
     programs::{self, Capacities},
 };
 
@@ -33,6 +39,12 @@ enum Command {
     Backends(ListArgs),
     /// Show the datapath's event counters.
     Counters(ListArgs),
+    /// List the tracked external flows: client, frontend, backend, NAT,
+    /// state and time left.
+    Conntrack(ListArgs),
+    /// Explain what the datapath does with a flow from outside, from the
+    /// pinned maps (no packet is sent).
+    Explain(ExplainArgs),
     /// Detach the programs and drop every pinned map (stops translation).
     Uninstall {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -105,6 +117,37 @@ struct ListArgs {
     output: Output,
 }
 
+#[derive(clap::Args)]
+struct ExplainArgs {
+    #[arg(long, default_value = DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// The client: ADDR:PORT.
+    #[arg(long)]
+    src: SocketAddrV4,
+    /// The address the client sends to: ADDR:PORT.
+    #[arg(long)]
+    dst: SocketAddrV4,
+    #[arg(long, value_enum)]
+    proto: ProtocolArg,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(protocol: ProtocolArg) -> Protocol {
+        match protocol {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
@@ -154,6 +197,22 @@ fn run(cli: Cli) -> Result<()> {
                 args.output,
                 || serde_json::json!(rows),
                 || inspect::counters_table(&rows),
+            )
+        }
+        Command::Conntrack(args) => {
+            let rows = conntrack::flows::read(&args.bpffs)?;
+            print(
+                args.output,
+                || serde_json::json!(rows),
+                || conntrack::flows::flows_table(&rows),
+            )
+        }
+        Command::Explain(args) => {
+            let explanation = explain::explain(&args.bpffs, args.src, args.dst, args.proto.into())?;
+            print(
+                args.output,
+                || serde_json::json!(explanation),
+                || explain::explanation_table(&explanation),
             )
         }
         Command::Uninstall { bpffs } => programs::uninstall(&bpffs),

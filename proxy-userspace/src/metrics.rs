@@ -26,11 +26,22 @@ use proxy_common::{
     SockRevNatValue, map_names,
 };
 
-use crate::{http::Response, inspect, maps::open_pinned, source::SourceStatus};
+use crate::{
+    conntrack::{GcReport, Removal},
+    http::Response,
+    inspect::{self, CounterRow},
+    maps::open_pinned,
+    source::SourceStatus,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabel {
     pub traffic_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RemovalLabel {
+    reason: &'static str,
 }
 
 /// The agent's metrics. Cheap to clone; every clone updates the same values.
@@ -44,6 +55,12 @@ pub struct Metrics {
     service_changes: Counter,
     no_local_endpoints: Family<TrafficPolicyLabel, Gauge>,
     over_capacity: Gauge,
+    conntrack_entries: Gauge,
+    conntrack_capacity: Gauge,
+    conntrack_gc_runs: Counter,
+    conntrack_gc_expired: Family<RemovalLabel, Counter>,
+    conntrack_gc_orphans: Counter,
+    conntrack_gc_duration: Histogram,
 }
 
 impl Metrics {
@@ -58,6 +75,12 @@ impl Metrics {
             service_changes: Counter::default(),
             no_local_endpoints: Family::default(),
             over_capacity: Gauge::default(),
+            conntrack_entries: Gauge::default(),
+            conntrack_capacity: Gauge::default(),
+            conntrack_gc_runs: Counter::default(),
+            conntrack_gc_expired: Family::default(),
+            conntrack_gc_orphans: Counter::default(),
+            conntrack_gc_duration: seconds(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,6 +120,36 @@ impl Metrics {
                 "Service ports not programmed because the maps have no room for them",
                 metrics.over_capacity.clone(),
             );
+            registry.register(
+                "ebpf_proxy_conntrack_entries",
+                "Tracked external flows, as the last conntrack GC run left them",
+                metrics.conntrack_entries.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_conntrack_capacity",
+                "How many flows the conntrack table holds at most",
+                metrics.conntrack_capacity.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_conntrack_gc_runs",
+                "Conntrack GC runs that completed",
+                metrics.conntrack_gc_runs.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_conntrack_gc_expired",
+                "Flows the conntrack GC removed, by reason (idle_timeout, backend_gone)",
+                metrics.conntrack_gc_expired.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_conntrack_gc_orphan_replies_removed",
+                "Reply entries the conntrack GC removed because no flow referred to them",
+                metrics.conntrack_gc_orphans.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_conntrack_gc_duration_seconds",
+                "How long one conntrack GC run took",
+                metrics.conntrack_gc_duration.clone(),
+            );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
         }
@@ -135,6 +188,20 @@ impl Metrics {
 
     pub fn set_over_capacity(&self, ports: i64) {
         self.over_capacity.set(ports);
+    }
+
+    pub fn observe_conntrack_gc(&self, report: &GcReport) {
+        self.conntrack_entries.set(report.entries as i64);
+        self.conntrack_capacity.set(report.capacity as i64);
+        self.conntrack_gc_runs.inc();
+        for why in Removal::ALL {
+            self.conntrack_gc_expired
+                .get_or_create(&RemovalLabel { reason: why.name() })
+                .inc_by(report.removed(why));
+        }
+        self.conntrack_gc_orphans.inc_by(report.orphans_removed);
+        self.conntrack_gc_duration
+            .observe(report.duration.as_secs_f64());
     }
 
     /// The Prometheus text exposition.
@@ -213,16 +280,7 @@ impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // The same reading `ebpf-proxy counters` shows.
         if let Ok(counters) = inspect::counters(&self.bpffs) {
-            let mut family = encoder.encode_descriptor(
-                "ebpf_proxy_datapath_events",
-                "Datapath events (translated, rejected, dropped, ...), summed over CPUs",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for row in counters {
-                ConstCounter::new(row.value)
-                    .encode(family.encode_family(&EventLabel { event: row.name })?)?;
-            }
+            encode_events(&mut encoder, &counters)?;
         }
         let levels = self.fill_levels();
         let mut entries = encoder.encode_descriptor(
@@ -245,6 +303,23 @@ impl Collector for DatapathCollector {
         }
         Ok(())
     }
+}
+
+fn encode_events(
+    encoder: &mut DescriptorEncoder,
+    counters: &[CounterRow],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        "ebpf_proxy_datapath_events",
+        "Datapath events (translated, rejected, dropped, ...), summed over CPUs",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for row in counters {
+        ConstCounter::new(row.value)
+            .encode(family.encode_family(&EventLabel { event: row.name })?)?;
+    }
+    Ok(())
 }
 
 /// What the source rejected, counted per kind.
@@ -298,5 +373,65 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn conntrack_gc_metrics_are_exposed() {
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"), SourceStatus::default());
+        metrics.observe_conntrack_gc(&GcReport {
+            scanned: 10,
+            entries: 7,
+            capacity: 262_144,
+            idle_timeout: 2,
+            backend_gone: 1,
+            busy: 0,
+            orphans_removed: 4,
+            duration: Duration::from_millis(2),
+        });
+        let text = metrics.render().unwrap();
+        for name in [
+            "ebpf_proxy_conntrack_entries 7",
+            "ebpf_proxy_conntrack_capacity 262144",
+            "ebpf_proxy_conntrack_gc_runs_total 1",
+            "ebpf_proxy_conntrack_gc_expired_total{reason=\"idle_timeout\"} 2",
+            "ebpf_proxy_conntrack_gc_expired_total{reason=\"backend_gone\"} 1",
+            "ebpf_proxy_conntrack_gc_orphan_replies_removed_total 4",
+            "ebpf_proxy_conntrack_gc_duration_seconds_count 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+
+    /// Every datapath counter, the packet datapath's included, under its
+    /// name: what the collector encodes from `inspect::counters`.
+    #[test]
+    fn every_datapath_counter_is_exposed_by_name() {
+        #[derive(Debug)]
+        struct Fixed(Vec<CounterRow>);
+        impl Collector for Fixed {
+            fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+                encode_events(&mut encoder, &self.0)
+            }
+        }
+        let rows = proxy_common::Counter::ALL
+            .iter()
+            .map(|counter| CounterRow {
+                name: counter.name(),
+                value: u64::from(*counter as u32) + 1,
+            })
+            .collect();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(rows)));
+        let mut text = String::new();
+        encode(&mut text, &registry).unwrap();
+        for counter in proxy_common::Counter::ALL {
+            let line = format!(
+                "ebpf_proxy_datapath_events_total{{event=\"{}\"}} {}",
+                counter.name(),
+                counter as u32 + 1
+            );
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        assert!(text.contains("event=\"dropped_conntrack_full\"} 14"));
     }
 }
