@@ -345,9 +345,7 @@ pub fn map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     name: &str,
 ) -> Result<HashMap<MapData, K, V>> {
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| anyhow!("no map {name}"))?;
+    let map = ebpf.map_mut(name).ok_or_else(|| anyhow!("no map {name}"))?;
     let data = match map {
         Map::HashMap(data) | Map::LruHashMap(data) => data,
         _ => bail!("{name} is not a hash map"),
@@ -427,11 +425,7 @@ fn l4_packet(spec: &PacketSpec, snat_port: Option<u16>) -> Result<Vec<u8>> {
 
 /// An ICMP error whose outer addresses are `spec`'s and which quotes the
 /// IPv4 header and first 8 bytes of `error.quote`.
-fn icmp_error(
-    spec: &PacketSpec,
-    error: &IcmpErrorSpec,
-    snat_port: Option<u16>,
-) -> Result<Vec<u8>> {
+fn icmp_error(spec: &PacketSpec, error: &IcmpErrorSpec, snat_port: Option<u16>) -> Result<Vec<u8>> {
     let quoted = l4_packet(&error.quote, snat_port)?;
     let quote = &quoted[14..14 + 28];
     let src: Ipv4Addr = spec.src.split(':').next().unwrap_or_default().parse()?;
@@ -491,4 +485,3 @@ fn checksum(bytes: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
-

@@ -45,6 +45,8 @@
 //! at the next start. Every loop is bounded by a count or a deadline.
 //! Nothing asserts on timings; a layout that does not work is reported.
 
+mod packets;
+
 use crate::{cargo, run, setup, target_dir};
 use anyhow::{Context, Result, bail};
 use proxy_tests::{
@@ -208,6 +210,9 @@ fn run_bench(opts: &Options, niced: bool) -> Result<Value> {
             }
         }
         report["connection_rate"] = rate;
+    }
+    if !opts.only_control_plane {
+        report["packet_datapath"] = packets::per_packet(opts.quick)?;
     }
     let source = opts.control_plane_source;
     if !opts.skip_control_plane && source != ControlPlaneSource::Kube {
@@ -1584,6 +1589,9 @@ fn render(r: &Value) -> String {
     }
     for cp in &kube {
         render_control_plane(&mut s, cp);
+    }
+    if r["packet_datapath"].is_object() {
+        packets::render(&mut s, &r["packet_datapath"]);
     }
     let _ = writeln!(
         s,
