@@ -66,6 +66,10 @@ pub struct AgentConfig {
 
 /// How soon a sync that failed part-way is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the node's interface addresses are compared with those the
+/// NodePort frontends were planned on (rule 11: an address added or
+/// removed is followed without a restart).
+const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
     let (snapshots, mut updates) = watch::channel(None);
@@ -119,11 +123,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         metrics,
         nodeport_addresses: config.nodeport_addresses.clone(),
         last_snapshot: ClusterSnapshot::default(),
+        planned: false,
         waiting_since: None,
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut pending: Option<DesiredState> = None;
+    let mut address_check = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
 
     loop {
         tokio::select! {
@@ -136,6 +142,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
             }
             _ = tokio::time::sleep(RETRY_INTERVAL), if pending.is_some() => {}
+            _ = address_check.tick() => {
+                if let Some(snapshot) = sync.addresses_changed() {
+                    pending = Some(sync.plan(snapshot).await);
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             served = &mut servers => {
@@ -171,6 +182,8 @@ struct SyncLoop {
     health_checks: HealthCheckServers,
     nodeport_addresses: NodePortAddresses,
     last_snapshot: ClusterSnapshot,
+    /// Whether a snapshot was planned (before, there is nothing to replan).
+    planned: bool,
     /// Since when a change waits to be programmed.
     waiting_since: Option<Instant>,
 }
@@ -186,15 +199,32 @@ impl SyncLoop {
         let (services, slices) = changes(&self.last_snapshot, &snapshot);
         self.metrics.count_changes(services, slices);
         snapshot.nodeport_addresses = self.nodeport_addresses.clone();
-        snapshot.local_addresses = host::interface_addresses()
-            .inspect_err(|err| tracing::warn!(error = %err, "cannot list interface addresses"))
-            .unwrap_or_default();
+        snapshot.local_addresses = local_addresses();
         let desired = plan(&snapshot);
         let (internal, external) = without_local_endpoints(&desired);
         self.metrics.set_no_local_endpoints(internal, external);
         self.health_checks.update(&desired.health_checks).await;
         self.last_snapshot = snapshot;
+        self.planned = true;
         desired
+    }
+
+    /// The last snapshot again when the node's addresses are no longer
+    /// those it was planned on.
+    fn addresses_changed(&self) -> Option<ClusterSnapshot> {
+        if !self.planned {
+            return None;
+        }
+        let now = local_addresses();
+        if now == self.last_snapshot.local_addresses {
+            return None;
+        }
+        tracing::info!(
+            before = ?self.last_snapshot.local_addresses,
+            now = ?now,
+            "node addresses changed; replanning NodePorts"
+        );
+        Some(self.last_snapshot.clone())
     }
 
     /// Programs `desired`; false when part of it failed (retry later).
@@ -310,6 +340,13 @@ fn changes(before: &ClusterSnapshot, after: &ClusterSnapshot) -> (u64, u64) {
         differing(&before.services, &after.services),
         differing(&before.slices, &after.slices),
     )
+}
+
+/// This namespace's interface addresses: NodePort candidates.
+fn local_addresses() -> Vec<Ipv4Addr> {
+    host::interface_addresses()
+        .inspect_err(|err| tracing::warn!(error = %err, "cannot list interface addresses"))
+        .unwrap_or_default()
 }
 
 async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
