@@ -23,6 +23,7 @@
 
 pub mod apiserver;
 pub mod clients;
+pub mod cluster;
 pub mod manifests;
 
 use anyhow::{Context, Result, anyhow, bail};
