@@ -33,7 +33,7 @@
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -275,6 +275,27 @@ impl Node {
             .as_ref()
             .map(|agent| agent.log_tail(lines))
             .unwrap_or_default()
+    }
+
+    /// Waits until `ready(rows)` holds, `rows` being what the datapath
+    /// holds ([`Node::services`]): the agent applies manifest changes
+    /// asynchronously. Errors after 10 s with the datapath and the log.
+    pub fn wait_for(&self, what: &str, ready: impl Fn(&[Value]) -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let rows = self.services();
+            if rows.as_deref().is_ok_and(&ready) {
+                return Ok(());
+            }
+            if start.elapsed() > DATAPATH_TIMEOUT {
+                bail!(
+                    "timed out waiting for {what} on {}; datapath: {rows:#?}\nagent log:\n{}",
+                    self.name(),
+                    self.agent_log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
@@ -547,41 +568,22 @@ impl Cluster {
             .try_for_each(|node| node.start_agent(extra_args))
     }
 
-    /// Waits until `ready(node, rows)` holds for both nodes, `rows` being
-    /// what the node's datapath holds ([`Node::services`]): the agents
-    /// apply manifest changes asynchronously. Errors after 10 s with the
-    /// datapaths and the agents' logs.
-    pub fn wait_for(&self, what: &str, ready: impl Fn(&Node, &[Value]) -> bool) -> Result<()> {
-        let start = Instant::now();
-        loop {
-            let pending: Vec<&Node> = self
-                .nodes
-                .iter()
-                .filter(|node| !node.services().is_ok_and(|rows| ready(node, &rows)))
-                .collect();
-            let Some(node) = pending.first() else {
-                return Ok(());
-            };
-            if start.elapsed() > DATAPATH_TIMEOUT {
-                bail!(
-                    "timed out waiting for {what} on {}; datapath: {:#?}\nagent log:\n{}",
-                    node.name(),
-                    node.services(),
-                    node.agent_log_tail(40)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+    /// Waits until `ready(rows)` holds on both nodes ([`Node::wait_for`]).
+    pub fn wait_for(&self, what: &str, ready: impl Fn(&[Value]) -> bool) -> Result<()> {
+        self.nodes
+            .iter()
+            .try_for_each(|node| node.wait_for(what, &ready))
     }
 }
 
-/// True if some frontend row lists a backend at `addr`.
-pub fn holds_backend(rows: &[Value], addr: &str) -> bool {
-    rows.iter().any(|row| {
-        row["backends"]
-            .as_array()
-            .is_some_and(|backends| backends.iter().any(|b| b["backend"]["addr"] == addr))
-    })
+/// Every backend address the frontend rows of [`Node::services`] list.
+pub fn backend_addrs(rows: &[Value]) -> BTreeSet<String> {
+    rows.iter()
+        .filter_map(|row| row["backends"].as_array())
+        .flatten()
+        .filter_map(|b| b["backend"]["addr"].as_str())
+        .map(str::to_string)
+        .collect()
 }
 
 #[cfg(test)]
