@@ -11,9 +11,10 @@
 //!   forwarding on, and [`FRONTEND_NET`] (addresses no node owns, for
 //!   externalIPs and LoadBalancer IPs) routed via node1; no default route.
 //! - Nodes: forwarding on, the other node's pod CIDR via its LAN address,
-//!   default route via the router, and [`FRONTEND_NET`] unreachable, so a
-//!   frontend address the node does not translate fails at once
-//!   (EHOSTUNREACH) instead of looping between node and router.
+//!   default route via the router, and [`FRONTEND_NET`] and
+//!   [`SERVICE_CIDR`] unreachable, so a frontend address the node does not
+//!   translate fails at once (EHOSTUNREACH) instead of looping between
+//!   node and router or vanishing behind it.
 //! - Pods ([`Cluster::add_pod`]): a namespace on a veth into the node's
 //!   `cni0`, default route via the node; their processes run in the node's
 //!   cgroup, where the node's agent translates sockets.
@@ -59,6 +60,9 @@ pub const SECOND_EXTERNAL_CLIENT_IP: &str = "198.51.100.2";
 /// network). The router sends them to node1 unless
 /// [`Cluster::route_frontend`] says otherwise.
 pub const FRONTEND_NET: &str = "198.18.0.0/24";
+/// The service CIDR: unreachable on the nodes, so a ClusterIP that is
+/// not translated fails at once.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The node devices the agents translate packets on (`--devices`).
 pub const AGENT_DEVICES: &str = "eth0";
 /// How long [`Node::start_agent`] waits for `/healthz` 200.
@@ -146,7 +150,9 @@ impl Node {
         netns.ip(&["addr", "add", &gateway, "dev", "cni0"])?;
         netns.ip(&["link", "set", "cni0", "up"])?;
         netns.ip(&["route", "add", "default", "via", ROUTER_LAN_IP])?;
-        netns.ip(&["route", "add", "unreachable", FRONTEND_NET])?;
+        for unserved in [FRONTEND_NET, SERVICE_CIDR] {
+            netns.ip(&["route", "add", "unreachable", unserved])?;
+        }
         Ok(Node {
             agent: None,
             agent_args: Vec::new(),

@@ -136,6 +136,11 @@ fn frontend_addresses_go_where_the_router_sends_them() {
             .unwrap(),
         );
     }
+    // The same for a ClusterIP from a pod, when its socket is not translated.
+    let pod = cluster.add_pod(2, "client", "10.244.2.2").unwrap();
+    let result = first(pod.run(&["tcp", "--to", "10.96.0.10:80"]).unwrap());
+    assert_eq!(result, Outcome::Unreachable);
+
     let seen = |n: usize| answered(&format!("node{n}-host"), EXTERNAL_CLIENT_IP);
     assert_eq!(first(client.run(&["tcp", "--to", &to]).unwrap()), seen(1));
     cluster
