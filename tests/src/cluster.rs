@@ -67,7 +67,7 @@ pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const AGENT_DEVICES: &str = "eth0";
 /// How long [`Node::start_agent`] waits for `/healthz` 200.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long [`Cluster::wait_for`] waits for both datapaths.
+/// How long [`Node::wait_for`] waits for the datapath.
 const DATAPATH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The fixed addressing of node `n` (1 or 2).
@@ -447,7 +447,8 @@ pub struct Cluster {
 impl Cluster {
     /// Builds the box; every name starts with `prefix` (3-4 characters,
     /// see [`crate::unique_name`]). Both manifests directories get
-    /// `nodes.yaml` with both Node objects. Needs root, cgroup2 and bpffs.
+    /// `nodes.yaml` with both Node objects (write another `nodes.yaml` to
+    /// replace them). Needs root, cgroup2 and bpffs.
     pub fn new(prefix: &str) -> Result<Cluster> {
         let router = Netns::new(prefix)?;
         router.sysctl(&ROUTING_SYSCTLS)?;
