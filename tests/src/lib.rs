@@ -22,10 +22,14 @@
 //! removes whatever a dead process of that prefix left behind.
 
 pub mod apiserver;
+pub mod clients;
+pub mod cluster;
+pub mod manifests;
 pub mod tc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use std::{
+    collections::BTreeMap,
     fs::{self, File},
     io::{BufRead, BufReader},
     os::{fd::AsRawFd, unix::process::CommandExt},
@@ -201,6 +205,30 @@ impl Netns {
         let child = ChildGuard::spawn(cmd).with_context(|| format!("in netns {}", self.name))?;
         drop(ns);
         Ok(child)
+    }
+
+    /// Sets sysctls (`key=value`) of this namespace with `sysctl -w`
+    /// run inside it (`/proc/sys/net` shows the caller's namespace).
+    pub fn sysctl(&self, settings: &[&str]) -> Result<()> {
+        let mut cmd = Command::new("sysctl");
+        cmd.arg("-qw")
+            .args(settings)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = self.spawn(&mut cmd)?;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.child_mut().stderr.take() {
+            std::io::Read::read_to_string(&mut pipe, &mut stderr)?;
+        }
+        let status = child.child_mut().wait()?;
+        if !status.success() {
+            bail!(
+                "sysctl {settings:?} in {} failed ({status}): {}",
+                self.name,
+                stderr.trim()
+            );
+        }
+        Ok(())
     }
 }
 
@@ -504,10 +532,15 @@ pub fn agent_bin() -> PathBuf {
 /// A `netns-host` command that enters `netns` (and `cgroup`) before it
 /// creates any socket. Add the subcommand and its options.
 pub fn host(netns: &Netns, cgroup: Option<&Cgroup>) -> Command {
+    host_in(netns, cgroup.map(Cgroup::path))
+}
+
+/// [`host`] with the cgroup given by its path (a cgroup another guard owns).
+pub fn host_in(netns: &Netns, cgroup: Option<&Path>) -> Command {
     let mut cmd = Command::new(netns_host_bin());
     cmd.arg("--netns").arg(netns.name());
     if let Some(cg) = cgroup {
-        cmd.arg("--cgroup").arg(cg.path());
+        cmd.arg("--cgroup").arg(cg);
     }
     cmd
 }
@@ -515,7 +548,12 @@ pub fn host(netns: &Netns, cgroup: Option<&Cgroup>) -> Command {
 /// Starts `netns-host serve <args>` in `netns` and waits for "ready".
 /// Example args: `["--name", "backend-1", "--tcp", "0.0.0.0:9000"]`.
 pub fn start_server(netns: &Netns, args: &[&str]) -> Result<ChildGuard> {
-    let mut cmd = host(netns, None);
+    start_server_in(netns, None, args)
+}
+
+/// [`start_server`] with the server also in the cgroup at `cgroup`.
+pub fn start_server_in(netns: &Netns, cgroup: Option<&Path>, args: &[&str]) -> Result<ChildGuard> {
+    let mut cmd = host_in(netns, cgroup);
     cmd.arg("serve")
         .args(args)
         .stdin(Stdio::null())
@@ -523,6 +561,35 @@ pub fn start_server(netns: &Netns, args: &[&str]) -> Result<ChildGuard> {
     let mut child = ChildGuard::spawn(&mut cmd)?;
     child.wait_for_line("ready", Duration::from_secs(10))?;
     Ok(child)
+}
+
+/// `ebpf-proxy services --output json --bpffs PINS`: one row per frontend
+/// (`frontend`, `backends`, `when_empty`, ...). Errors while the agent has
+/// not pinned its maps yet.
+pub fn datapath_services(pins: &Path) -> Result<Vec<serde_json::Value>> {
+    let out = run_checked(
+        Command::new(agent_bin())
+            .args(["services", "--output", "json", "--bpffs"])
+            .arg(pins),
+    )?;
+    serde_json::from_str(&out).with_context(|| format!("services of {}", pins.display()))
+}
+
+/// `ebpf-proxy counters --output json --bpffs PINS` as name -> value.
+pub fn datapath_counters(pins: &Path) -> Result<BTreeMap<String, u64>> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        name: String,
+        value: u64,
+    }
+    let out = run_checked(
+        Command::new(agent_bin())
+            .args(["counters", "--output", "json", "--bpffs"])
+            .arg(pins),
+    )?;
+    let rows: Vec<Row> =
+        serde_json::from_str(&out).with_context(|| format!("counters of {}", pins.display()))?;
+    Ok(rows.into_iter().map(|row| (row.name, row.value)).collect())
 }
 
 static AGENT_LOGS: AtomicU32 = AtomicU32::new(0);

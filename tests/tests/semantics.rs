@@ -375,7 +375,7 @@ fn rule_22_refusal_applies_to_new_flows_only() {
         &load_balancer(""),
         &endpoints(&[(BACKENDS[0], "node-1", "ready: true")]),
     );
-    let mut held = HeldConnection::open(&node, &format!("{VIP}:80"));
+    let mut held = node.hold(&format!("{VIP}:80"));
     assert_eq!(held.echo("before")["echo"], "before");
 
     // No usable endpoint any more: new connections are refused...

@@ -256,7 +256,7 @@ fn rule_29_tcp_connection_survives_endpoint_removal() {
         ],
     );
 
-    let mut held = HeldConnection::open(&node, &format!("{VIP}:80"));
+    let mut held = node.hold(&format!("{VIP}:80"));
     assert_eq!(held.echo("before")["echo"], "before");
 
     // Rule 29: the backend leaves the set; the open connection keeps it.
@@ -418,7 +418,7 @@ fn kill_9_restarts_under_load_fail_no_connection() {
     let to = format!("{VIP}:80");
 
     // One connection held open across every restart.
-    let mut held = HeldConnection::open(&node, &to);
+    let mut held = node.hold(&to);
 
     // Steady load: batches of new connections until told to stop.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -1,35 +1,64 @@
-//! `cargo xtask demo`: a one-node cluster in a box.
+//! `cargo xtask demo`: a two-node cluster in a box (proxy_tests::cluster),
+//! one agent per node, serving the manifests in `deploy/examples/demo/`.
 //!
 //! ```text
-//!  client pod 10.244.1.2 ─┐
-//!  backend-1 10.244.1.11 ─┤ veth ─ cni0 10.244.1.1/24 (node netns: the agent)
-//!  backend-2 10.244.1.12 ─┤
-//!  backend-3 10.244.1.13 ─┘
+//!  external client 203.0.113.2 ── router ──┬─ node1 192.168.0.2: client 10.244.1.2, web-1 10.244.1.11, web-2 10.244.1.12
+//!       (198.18.0.0/24 routed to node1)    └─ node2 192.168.0.3: web-3 10.244.2.11
 //! ```
-//! Every namespace is new; the node has no default route and no link to
-//! the root namespace, so service traffic that is not translated goes
-//! nowhere. The client runs in the agent's cgroup, whose connect4/sendmsg4
-//! hooks turn 10.96.0.10 into a backend address.
+//! It shows, and fails unless it sees:
+//! - from the client pod, the ClusterIP 10.96.0.10 spreading HTTP over the
+//!   three pods (socket-level translation), UDP replies that come from the
+//!   ClusterIP and a getpeername() that shows it;
+//! - from the external client, NodePort 30080 and LoadBalancer IP
+//!   198.18.0.10 of `web-cluster` (eTP=Cluster) answered by pods on both
+//!   nodes, web-3 seeing node1's address (SNAT); LoadBalancer IP
+//!   198.18.0.11 of `web-local` (eTP=Local) answered by node1's pods only,
+//!   and NodePort 30081 on node2 by web-3 only, all seeing 203.0.113.2.
 //!
-//! Everything is named `epd-<pid>-<n>`; cleanup runs on success, on
-//! failure and on Ctrl-C/SIGTERM, and leftovers of a crashed demo (whose
-//! pid is gone) are removed at the start.
+//! Every namespace is new and none is linked to the root namespace, so
+//! traffic that is not translated goes nowhere. Everything is named
+//! `epd-<pid>-<n>`; cleanup runs on success, on failure and on
+//! Ctrl-C/SIGTERM, and leftovers of a crashed demo (whose pid is gone) are
+//! removed at the start.
 
 use crate::{cargo, run, setup, workspace_root};
 use anyhow::{Context, Result, bail};
 use proxy_tests::{
-    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, agent_bin, host, json_lines,
-    remove_leftovers, run_checked, start_server, veth_pair,
+    agent_bin,
+    clients::{Outcome, outcome},
+    cluster::{Cluster, EXTERNAL_CLIENT_IP, Pod},
+    json_lines, remove_leftovers, run_checked,
 };
 use serde_json::Value;
-use std::{collections::BTreeMap, fs, process::Command, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    process::Command,
+};
 
 const PREFIX: &str = "epd";
-const NODE_NAME: &str = "demo-node";
-const GATEWAY: &str = "10.244.1.1";
 const CLIENT_IP: &str = "10.244.1.2";
-const BACKEND_IPS: [&str; 3] = ["10.244.1.11", "10.244.1.12", "10.244.1.13"];
+/// The pods: (node, name, address).
+const BACKENDS: [(usize, &str, &str); 3] = [
+    (1, "web-1", "10.244.1.11"),
+    (1, "web-2", "10.244.1.12"),
+    (2, "web-3", "10.244.2.11"),
+];
+const LISTENERS: [&str; 6] = [
+    "--http",
+    "0.0.0.0:8080",
+    "--tcp",
+    "0.0.0.0:9000",
+    "--udp",
+    "0.0.0.0:5353",
+];
 const CLUSTER_IP: &str = "10.96.0.10";
+/// Service web-cluster (eTP=Cluster): its NodePort and LoadBalancer IP.
+const CLUSTER_NODE_PORT: u16 = 30080;
+const CLUSTER_LB_IP: &str = "198.18.0.10";
+/// Service web-local (eTP=Local): its NodePort and LoadBalancer IP.
+const LOCAL_NODE_PORT: u16 = 30081;
+const LOCAL_LB_IP: &str = "198.18.0.11";
 
 pub fn demo(requests: u32) -> Result<()> {
     for what in remove_leftovers(PREFIX, false) {
@@ -65,131 +94,123 @@ pub fn demo(requests: u32) -> Result<()> {
     result
 }
 
-/// A pod: its namespace joined to the node's bridge, and its server.
-struct Pod {
-    _server: ChildGuard,
-    ns: Netns,
-}
-
-fn pod(node: &Netns, node_if: &str, ip: &str) -> Result<Netns> {
-    let ns = Netns::new(PREFIX)?;
-    veth_pair(&ns, "eth0", node, node_if)?;
-    node.ip(&["link", "set", node_if, "master", "cni0", "up"])?;
-    ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-    ns.ip(&["link", "set", "eth0", "up"])?;
-    ns.ip(&["route", "add", "default", "via", GATEWAY])?;
-    Ok(ns)
-}
-
 fn run_demo(requests: u32) -> Result<()> {
-    // Drop order is the reverse of declaration: agent, pins, cgroup,
-    // manifests, pods (servers, then namespaces), node.
-    let node = Netns::new(PREFIX)?;
-    node.ip(&["link", "add", "cni0", "type", "bridge"])?;
-    node.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "cni0"])?;
-    node.ip(&["link", "set", "cni0", "up"])?;
-    let client = pod(&node, "vclient", CLIENT_IP)?;
-    let mut backends = Vec::new();
-    for (i, ip) in BACKEND_IPS.iter().enumerate() {
-        let ns = pod(&node, &format!("vweb{}", i + 1), ip)?;
-        let name = format!("backend-{}", i + 1);
-        let server = start_server(
-            &ns,
-            &[
-                "--name",
-                &name,
-                "--http",
-                "0.0.0.0:8080",
-                "--tcp",
-                "0.0.0.0:9000",
-                "--udp",
-                "0.0.0.0:5353",
-            ],
-        )?;
-        backends.push(Pod {
-            _server: server,
-            ns,
-        });
+    // Drop order is the reverse of declaration: pods, then the cluster
+    // (agents, pins, cgroups, manifests, namespaces).
+    let mut cluster = Cluster::new(PREFIX)?;
+    let client = cluster.add_pod(1, "client", CLIENT_IP)?;
+    let mut backends: Vec<Pod> = Vec::new();
+    for (node, name, ip) in BACKENDS {
+        backends.push(cluster.add_backend(node, name, ip, &LISTENERS)?);
     }
-    println!(
-        "demo: node {} (cni0 {GATEWAY}/24, no default route), client {} ({CLIENT_IP}), backends {}",
-        node.name(),
-        client.name(),
-        backends
+    for node in cluster.nodes() {
+        let pods: Vec<String> = backends
             .iter()
-            .zip(BACKEND_IPS)
-            .map(|(b, ip)| format!("{} ({ip})", b.ns.name()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-
-    // The network works without the proxy: the client reaches each backend.
-    for (i, ip) in BACKEND_IPS.iter().enumerate() {
-        let r = json_lines(host(&client, None).args(["http", "--to", &format!("{ip}:8080")]))?;
-        let body = r.first().and_then(|v| v["body"].as_str()).unwrap_or("");
-        if body.trim() != format!("backend-{}", i + 1) {
-            bail!("direct request to {ip}:8080 failed: {r:?}");
-        }
-        println!("demo: direct   {ip}:8080 -> {}", body.trim());
-    }
-    // And without the proxy the ClusterIP leads nowhere.
-    let r = json_lines(host(&client, None).args([
-        "tcp",
-        "--to",
-        &format!("{CLUSTER_IP}:80"),
-        "--timeout-ms",
-        "300",
-    ]))?;
-    let before = &r[0];
-    if before["ok"] == true {
-        bail!("{CLUSTER_IP}:80 answered before the agent ran: {before}");
+            .chain([&client])
+            .filter(|pod| pod.node() == node.name())
+            .map(|pod| format!("{} {}", pod.name(), pod.ip()))
+            .collect();
+        println!(
+            "demo: {} {} (netns {}): {}",
+            node.name(),
+            node.ip(),
+            node.netns().name(),
+            pods.join(", ")
+        );
     }
     println!(
-        "demo: without the agent {CLUSTER_IP}:80 -> {} (nothing serves it)",
-        before["error"].as_str().unwrap_or("error")
+        "demo: external client {EXTERNAL_CLIENT_IP} (netns {}) behind the router (netns {})",
+        cluster.external().netns().name(),
+        cluster.router().name()
     );
 
-    let manifests = TempDir::new(PREFIX)?;
+    // The network works without the proxy: the client reaches each pod.
+    for pod in &backends {
+        let r = client.run(&["http", "--to", &format!("{}:8080", pod.ip())])?;
+        let body = r.first().and_then(|v| v["body"].as_str()).unwrap_or("");
+        if body.trim() != pod.name() {
+            bail!("direct request to {}:8080 failed: {r:?}", pod.ip());
+        }
+        println!("demo: direct   {}:8080 -> {}", pod.ip(), body.trim());
+    }
+    // And without the proxy the frontends lead nowhere.
+    let node1_ip = cluster.node(1).ip();
+    let unserved = [
+        (client.host(), format!("{CLUSTER_IP}:80")),
+        (
+            cluster.external().host(),
+            format!("{node1_ip}:{CLUSTER_NODE_PORT}"),
+        ),
+        (cluster.external().host(), format!("{CLUSTER_LB_IP}:80")),
+    ];
+    for (mut from, to) in unserved {
+        let r = json_lines(from.args(tcp_args(&to, 1)))?;
+        if r[0]["ok"] == true {
+            bail!("{to} answered before the agents ran: {}", r[0]);
+        }
+        println!(
+            "demo: without the agents {to} -> {} (nothing serves it)",
+            r[0]["error"].as_str().unwrap_or("error")
+        );
+    }
+
     let examples = workspace_root().join("deploy/examples/demo");
     for entry in fs::read_dir(&examples).with_context(|| format!("read {}", examples.display()))? {
         let path = entry?.path();
         if path.extension().is_some_and(|e| e == "yaml") {
-            fs::copy(
-                &path,
-                manifests.path().join(path.file_name().unwrap_or_default()),
-            )?;
+            let text = fs::read_to_string(&path)?;
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            // nodes.yaml replaces the box's own Node objects.
+            cluster.write_manifest(&file, &text)?;
         }
     }
-    let cgroup = Cgroup::new(PREFIX)?;
-    let pins = PinDir::new(PREFIX)?;
     println!(
-        "demo: starting the agent in {} (cgroup {}, pins {}, manifests from {})",
-        node.name(),
-        cgroup.path().display(),
-        pins.path().display(),
+        "demo: starting one agent per node (--devices eth0, manifests from {})",
         examples.display()
     );
-    let agent = Agent::start(
-        &node,
-        manifests.path(),
-        cgroup.path(),
-        pins.path(),
-        NODE_NAME,
-    )?;
-    agent.wait_healthy(&node, Duration::from_secs(30))?;
-    println!("demo: agent healthy (/healthz 200)");
+    cluster.start_agents(&[])?;
+    println!("demo: agents healthy (/healthz 200)");
 
     let mut problems = Vec::new();
-    let in_pod = || host(&client, Some(&cgroup));
+    cluster_ip_part(&client, requests, &mut problems)?;
+    external_part(&cluster, requests, &mut problems)?;
 
-    // HTTP through the ClusterIP.
-    let results = json_lines(in_pod().args([
+    let node1 = cluster.node(1);
+    let bpffs = node1.pins().to_string_lossy().into_owned();
+    for what in ["services", "counters"] {
+        println!("$ ebpf-proxy {what} --bpffs {bpffs}   # node1");
+        match run_checked(Command::new(agent_bin()).args([what, "--bpffs", &bpffs])) {
+            Ok(out) => print!("{out}"),
+            Err(e) => problems.push(format!("ebpf-proxy {what}: {e:#}")),
+        }
+    }
+
+    if !problems.is_empty() {
+        let logs: Vec<String> = cluster
+            .nodes()
+            .iter()
+            .map(|node| format!("{} agent log:\n{}", node.name(), node.agent_log_tail(20)))
+            .collect();
+        bail!("{}\n{}", problems.join("\n"), logs.join("\n"));
+    }
+    Ok(())
+}
+
+fn tcp_args(to: &str, count: u32) -> Vec<String> {
+    ["tcp", "--to", to, "--count", &count.to_string()]
+        .map(String::from)
+        .to_vec()
+}
+
+/// HTTP, UDP and TCP from the client pod to the ClusterIP.
+fn cluster_ip_part(client: &Pod, requests: u32, problems: &mut Vec<String>) -> Result<()> {
+    let results = client.run(&[
         "http",
         "--to",
         &format!("{CLUSTER_IP}:80"),
         "--count",
         &requests.to_string(),
-    ]))?;
+    ])?;
     let mut spread: BTreeMap<String, u32> = BTreeMap::new();
     for (i, r) in results.iter().enumerate() {
         if r["ok"] == true && r["status"] == 200 {
@@ -208,13 +229,17 @@ fn run_demo(requests: u32) -> Result<()> {
             100.0 * f64::from(*n) / results.len().max(1) as f64
         );
     }
-    if spread.len() < 3 {
-        problems.push(format!("only {} of 3 backends answered", spread.len()));
+    if spread.len() < BACKENDS.len() {
+        problems.push(format!(
+            "only {} of {} pods answered",
+            spread.len(),
+            BACKENDS.len()
+        ));
     }
 
     // UDP: the reply must appear to come from the ClusterIP (recvmsg4).
     let want_from = format!("{CLUSTER_IP}:53");
-    let udp = json_lines(in_pod().args([
+    let udp = client.run(&[
         "udp",
         "--to",
         &want_from,
@@ -222,29 +247,132 @@ fn run_demo(requests: u32) -> Result<()> {
         "3",
         "--interval-ms",
         "50",
-    ]))?;
-    check_replies(&udp, "udp query", "from", &want_from, &mut problems);
+    ])?;
+    check_replies(&udp, "udp query", "from", &want_from, problems);
 
     // TCP echo port: getpeername() must show the ClusterIP (getpeername4).
     let want_peer = format!("{CLUSTER_IP}:7");
-    let tcp = json_lines(in_pod().args(["tcp", "--to", &want_peer, "--count", "3"]))?;
-    check_replies(&tcp, "tcp echo ", "peer", &want_peer, &mut problems);
+    let tcp = client.run(&["tcp", "--to", &want_peer, "--count", "3"])?;
+    check_replies(&tcp, "tcp echo ", "peer", &want_peer, problems);
+    Ok(())
+}
 
-    let bpffs = pins.path().to_string_lossy().into_owned();
-    println!("$ ebpf-proxy services --bpffs {bpffs}");
-    match run_checked(Command::new(agent_bin()).args(["services", "--bpffs", &bpffs])) {
-        Ok(out) => print!("{out}"),
-        Err(e) => problems.push(format!("ebpf-proxy services: {e:#}")),
-    }
+/// What the external client expects from one frontend: which pods may
+/// answer (all of them must, over the connections made) and which source
+/// address each of them must see.
+struct ExternalCheck {
+    to: String,
+    what: &'static str,
+    sees: Vec<(&'static str, Vec<String>)>,
+}
 
-    if !problems.is_empty() {
-        bail!(
-            "{}\nagent log (last lines):\n{}",
-            problems.join("\n"),
-            agent.log_tail(30)
+fn external_part(cluster: &Cluster, requests: u32, problems: &mut Vec<String>) -> Result<()> {
+    let node1_ip = cluster.node(1).ip();
+    let node2_ip = cluster.node(2).ip();
+    let client = EXTERNAL_CLIENT_IP.to_string();
+    // Under eTP=Cluster a pod on the node the client went through may see
+    // the client (no SNAT needed) or that node; one on another node sees
+    // that node.
+    let cluster_policy = |via: &str| -> Vec<(&'static str, Vec<String>)> {
+        BACKENDS
+            .iter()
+            .map(|(node, name, _)| {
+                let local = cluster.node(*node).ip() == via;
+                let sources = if local {
+                    vec![client.clone(), via.to_string()]
+                } else {
+                    vec![via.to_string()]
+                };
+                (*name, sources)
+            })
+            .collect()
+    };
+    let checks = [
+        ExternalCheck {
+            to: format!("{node1_ip}:{CLUSTER_NODE_PORT}"),
+            what: "web-cluster NodePort on node1 (eTP=Cluster)",
+            sees: cluster_policy(node1_ip),
+        },
+        ExternalCheck {
+            to: format!("{CLUSTER_LB_IP}:80"),
+            what: "web-cluster LoadBalancer IP, routed to node1 (eTP=Cluster)",
+            sees: cluster_policy(node1_ip),
+        },
+        ExternalCheck {
+            to: format!("{LOCAL_LB_IP}:80"),
+            what: "web-local LoadBalancer IP, routed to node1 (eTP=Local)",
+            sees: vec![
+                ("web-1", vec![client.clone()]),
+                ("web-2", vec![client.clone()]),
+            ],
+        },
+        ExternalCheck {
+            to: format!("{node2_ip}:{LOCAL_NODE_PORT}"),
+            what: "web-local NodePort on node2 (eTP=Local)",
+            sees: vec![("web-3", vec![client.clone()])],
+        },
+    ];
+    for check in checks {
+        let results = json_lines(
+            cluster
+                .external()
+                .host()
+                .args(tcp_args(&check.to, requests)),
+        )?;
+        println!(
+            "external {EXTERNAL_CLIENT_IP} -> {} ({}), {} connections:",
+            check.to,
+            check.what,
+            results.len()
         );
+        report_external(&check, &results, problems);
     }
     Ok(())
+}
+
+/// Prints who answered and what source they saw; records what is wrong.
+fn report_external(check: &ExternalCheck, results: &[Value], problems: &mut Vec<String>) {
+    let mut seen: BTreeMap<String, (u32, BTreeSet<String>)> = BTreeMap::new();
+    let mut failed: BTreeMap<String, u32> = BTreeMap::new();
+    for result in results {
+        match outcome(result) {
+            Outcome::Answered { backend, source } => {
+                let entry = seen.entry(backend).or_default();
+                entry.0 += 1;
+                entry.1.insert(source);
+            }
+            other => *failed.entry(format!("{other:?}")).or_default() += 1,
+        }
+    }
+    for (how, count) in &failed {
+        println!("  FAILED {count}: {how}");
+        problems.push(format!("{}: {count} connections failed: {how}", check.to));
+    }
+    for (backend, (count, sources)) in &seen {
+        let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
+        println!(
+            "  {backend}: {count} answers, saw source {}",
+            sources.join(", ")
+        );
+        match check.sees.iter().find(|(name, _)| name == backend) {
+            None => problems.push(format!("{}: {backend} must not answer", check.to)),
+            Some((_, allowed)) => {
+                for source in &sources {
+                    if !allowed.iter().any(|a| a == source) {
+                        problems.push(format!(
+                            "{}: {backend} saw {source}, expected one of {allowed:?}",
+                            check.to
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    for (name, _) in &check.sees {
+        if !seen.contains_key(*name) {
+            problems.push(format!("{}: {name} never answered", check.to));
+        }
+    }
 }
 
 fn check_replies(

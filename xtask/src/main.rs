@@ -4,7 +4,8 @@
 //!   (idempotent; quiet and fast when everything is in place).
 //! - `build-ebpf`: builds the eBPF object the way aya-build does.
 //! - `test`: setup, build, `cargo test`, then the demo.
-//! - `demo`: a one-node cluster in network namespaces, served by the agent.
+//! - `demo`: a two-node cluster in network namespaces, one agent per node,
+//!   reached from a pod and from an external client.
 //! - `bench`: the performance yardsticks, side by side with kube-proxy's
 //!   iptables and nftables layouts (release build).
 
@@ -44,9 +45,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the one-node demo (sets up and builds first).
+    /// Run the two-node demo (sets up and builds first).
     Demo {
-        /// Number of HTTP requests to the ClusterIP.
+        /// Number of requests to the ClusterIP and to each external frontend.
         #[arg(long, default_value_t = 30)]
         requests: u32,
     },

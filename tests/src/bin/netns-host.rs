@@ -61,6 +61,9 @@ enum Cmd {
         /// as {"ok":true,"echo":...}; close at EOF of stdin.
         #[arg(long)]
         stdin: bool,
+        /// Pause between connections (steady load for a long COUNT).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// COUNT UDP queries (sendto/recvfrom, or send/recv with --connect).
     Udp {
@@ -147,12 +150,16 @@ fn main() -> Result<()> {
             bind,
             timeout_ms,
             stdin,
+            interval_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             if stdin {
                 tcp_session(to, bind, timeout);
             } else {
-                for _ in 0..count {
+                for i in 0..count {
+                    if i > 0 && interval_ms > 0 {
+                        thread::sleep(Duration::from_millis(interval_ms));
+                    }
                     let line = match tcp_once(to, bind, timeout) {
                         Ok((_, greeting)) => greeting,
                         Err(e) => err_json(&e),

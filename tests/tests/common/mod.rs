@@ -7,16 +7,20 @@
 #![allow(dead_code, reason = "each test binary uses part of the fixture")]
 
 use std::{
-    collections::BTreeMap,
     fs,
     path::Path,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use proxy_tests::{
-    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, agent_bin, host, json_lines, start_server,
+    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, datapath_services, host, json_lines,
+    manifests::endpoint_slice, start_server,
+};
+#[allow(unused_imports, reason = "each test binary uses part of the fixture")]
+pub use proxy_tests::{
+    clients::{HeldConnection, reply_name, reply_parts, spread},
+    manifests::service_with,
 };
 use serde_json::Value;
 
@@ -159,6 +163,21 @@ impl TestNode {
         ])
     }
 
+    /// One TCP connection from the client through a frontend, held open.
+    pub fn hold(&self, to: &str) -> HeldConnection {
+        HeldConnection::open(host(&self.netns, Some(&self.cgroup)).args([
+            "tcp",
+            "--to",
+            to,
+            "--bind",
+            CLIENT,
+            "--stdin",
+            "--timeout-ms",
+            "10000",
+        ]))
+        .unwrap()
+    }
+
     pub fn udp(&self, to: &str, count: u32, extra: &[&str]) -> Vec<Value> {
         let count = count.to_string();
         let mut args = vec!["udp", "--to", to, "--count", &count, "--bind", CLIENT];
@@ -196,22 +215,10 @@ impl TestNode {
     }
 }
 
-/// `ebpf-proxy services --output json --bpffs PINS`; `Err(stderr)` while
+/// `ebpf-proxy services --output json --bpffs PINS`; `Err(why)` while
 /// the maps are not (all) pinned yet.
 pub fn try_services(pins: &Path) -> Result<Vec<Value>, String> {
-    let out = Command::new(agent_bin())
-        .args(["services", "--output", "json", "--bpffs"])
-        .arg(pins)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(serde_json::from_slice::<Value>(&out.stdout)
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .clone())
+    datapath_services(pins).map_err(|e| format!("{e:#}"))
 }
 
 /// [`try_services`], which must succeed.
@@ -219,39 +226,9 @@ pub fn services(pins: &Path) -> Vec<Value> {
     try_services(pins).unwrap_or_else(|stderr| panic!("{stderr}"))
 }
 
-/// `  - {name: http, port: 80, protocol: TCP}` lines. Ports are `u32` so
-/// that tests can write invalid ones.
-fn port_lines(ports: &[(&str, u32, &str)]) -> String {
-    let lines: Vec<String> = ports
-        .iter()
-        .map(|(name, port, proto)| format!("  - {{name: {name}, port: {port}, protocol: {proto}}}"))
-        .collect();
-    lines.join("\n")
-}
-
 /// A Service in namespace `demo` on [`VIP`]; `extra_spec` is spec lines.
 pub fn service(name: &str, ports: &[(&str, u32, &str)], extra_spec: &str) -> String {
     service_with(name, VIP, ports, "", extra_spec)
-}
-
-/// A Service in namespace `demo` on `vip` with `labels` (`key: value, ...`,
-/// none if empty); `extra_spec` is spec lines.
-pub fn service_with(
-    name: &str,
-    vip: &str,
-    ports: &[(&str, u32, &str)],
-    labels: &str,
-    extra_spec: &str,
-) -> String {
-    let labels = if labels.is_empty() {
-        String::new()
-    } else {
-        format!(", labels: {{{labels}}}")
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo{labels}}}\nspec:\n  clusterIP: {vip}\n{extra_spec}  ports:\n{}\n",
-        port_lines(ports)
-    )
 }
 
 /// The EndpointSlice `<service>-x1` of `service` with ready endpoints on
@@ -269,106 +246,6 @@ pub fn slice_with(
     addrs: &[&str],
     labels: &str,
 ) -> String {
-    let endpoints: Vec<String> = addrs
-        .iter()
-        .map(|addr| {
-            format!("  - {{addresses: ['{addr}'], conditions: {{ready: true}}, nodeName: {NODE}}}")
-        })
-        .collect();
-    let labels = if labels.is_empty() {
-        String::new()
-    } else {
-        format!(", {labels}")
-    };
-    format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{kubernetes.io/service-name: {service}{labels}}}\naddressType: IPv4\nports:\n{}\nendpoints:{}\n{}\n",
-        port_lines(ports),
-        if endpoints.is_empty() { " []" } else { "" },
-        endpoints.join("\n")
-    )
-}
-
-/// "backend-2 10.244.0.2:40000" -> ("backend-2", "10.244.0.2")
-pub fn reply_parts(result: &Value) -> (String, String) {
-    assert_eq!(result["ok"], true, "{result}");
-    let reply = result["reply"].as_str().unwrap();
-    let (name, peer) = reply.trim().split_once(' ').unwrap();
-    let peer_ip = peer.rsplit_once(':').unwrap().0;
-    (name.to_string(), peer_ip.to_string())
-}
-
-/// "backend-2 10.244.0.2:40000" -> "backend-2"
-pub fn reply_name(result: &Value) -> String {
-    reply_parts(result).0
-}
-
-/// How many replies each backend sent.
-pub fn spread(results: &[Value]) -> BTreeMap<String, usize> {
-    let mut counts = BTreeMap::new();
-    for result in results {
-        *counts.entry(reply_name(result)).or_insert(0) += 1;
-    }
-    counts
-}
-
-/// One TCP connection from the client through a frontend, held open.
-/// `open` returns once the connection is established (the backend's
-/// greeting has arrived), so nothing a test changes afterwards can race
-/// the connect; `echo` sends a line and waits for the backend's echo.
-pub struct HeldConnection {
-    stdin: std::process::ChildStdin,
-    stdout: std::io::BufReader<std::process::ChildStdout>,
-    _client: ChildGuard,
-    /// `{"ok":true,"reply":"backend-N CLIENT:PORT",...}`.
-    pub greeting: Value,
-}
-
-impl HeldConnection {
-    pub fn open(node: &TestNode, to: &str) -> HeldConnection {
-        let mut client = ChildGuard::spawn(
-            host(&node.netns, Some(&node.cgroup))
-                .args([
-                    "tcp",
-                    "--to",
-                    to,
-                    "--bind",
-                    CLIENT,
-                    "--stdin",
-                    "--timeout-ms",
-                    "10000",
-                ])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped()),
-        )
-        .unwrap();
-        let stdin = client.child_mut().stdin.take().unwrap();
-        let stdout = std::io::BufReader::new(client.child_mut().stdout.take().unwrap());
-        let mut held = HeldConnection {
-            stdin,
-            stdout,
-            _client: client,
-            greeting: Value::Null,
-        };
-        held.greeting = held.next_line();
-        assert_eq!(
-            held.greeting["ok"], true,
-            "connecting to {to}: {}",
-            held.greeting
-        );
-        held
-    }
-
-    /// Sends `line`; the backend's answer (`{"ok":true,"echo":line}`).
-    pub fn echo(&mut self, line: &str) -> Value {
-        use std::io::Write;
-        writeln!(self.stdin, "{line}").unwrap();
-        self.next_line()
-    }
-
-    fn next_line(&mut self) -> Value {
-        use std::io::BufRead;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("not a JSON line: {line:?}"))
-    }
+    let endpoints: Vec<(&str, &str)> = addrs.iter().map(|addr| (*addr, NODE)).collect();
+    endpoint_slice(name, service, ports, &endpoints, labels)
 }
