@@ -68,6 +68,7 @@ fn plan(frontend_last: u8, backends: &[u8], affinity: Option<u32>) -> ServicePor
             selection(backends, WhenEmpty::Reject),
         )],
         affinity_timeout: affinity,
+        local_backends: BTreeSet::new(),
     }
 }
 
@@ -430,6 +431,7 @@ fn rule_18_19_drop_flag_when_only_other_frontends_have_endpoints() {
             selection(&[], WhenEmpty::Drop),
         )],
         affinity_timeout: None,
+        local_backends: BTreeSet::new(),
     };
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", dropping)]));
@@ -558,6 +560,7 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
                 ),
             ],
             affinity_timeout: Some(60),
+            local_backends: BTreeSet::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
@@ -687,6 +690,7 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
                 with_ranges.clone(),
             ],
             affinity_timeout: None,
+            local_backends: BTreeSet::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
