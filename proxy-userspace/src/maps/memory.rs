@@ -4,9 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names};
+use proxy_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names};
 
-use super::{Capacity, Datapath, DatapathError, codec};
+use super::{Capacity, Datapath, DatapathError, codec, codec::SourceRangeEntry};
 
 /// One write, as the datapath saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,24 +15,69 @@ pub enum Write {
     DeleteService(ServiceKey),
     PutBackend(u32, Backend),
     DeleteBackend(u32),
+    PutRevNat(u32, RevNat),
+    DeleteRevNat(u32),
+    PutSourceRange(SourceRangeEntry),
+    DeleteSourceRange(SourceRangeEntry),
     PutAffinityMatch(AffinityMatchKey),
     DeleteAffinityMatch(AffinityMatchKey),
 }
+
+/// Maps with room for everything a test writes.
+const UNLIMITED: Capacity = Capacity {
+    services: usize::MAX,
+    backends: usize::MAX,
+    rev_nat: usize::MAX,
+    source_ranges: usize::MAX,
+    affinity_match: usize::MAX,
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryDatapath {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
+    pub source_ranges: BTreeSet<SourceRangeEntry>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
     pub writes: Vec<Write>,
     /// When set, inserting a new services key beyond this many fails (a
     /// map the reconciler believed had room refuses the write).
     pub services_capacity: Option<usize>,
-    /// What the reconciler is told the maps hold at most.
+    /// What the reconciler is told the maps hold at most; unlimited when
+    /// unset.
     pub capacity: Option<Capacity>,
 }
 
 impl MemoryDatapath {
+    /// The same map contents, without the write log and failure knobs: what
+    /// a restarted agent reads back.
+    pub fn contents(&self) -> MemoryDatapath {
+        MemoryDatapath {
+            services: self.services.clone(),
+            backends: self.backends.clone(),
+            rev_nat: self.rev_nat.clone(),
+            source_ranges: self.source_ranges.clone(),
+            affinity_match: self.affinity_match.clone(),
+            ..MemoryDatapath::default()
+        }
+    }
+
+    /// Applies one recorded write.
+    pub fn apply(&mut self, write: &Write) -> Result<(), DatapathError> {
+        match write {
+            Write::PutService(key, value) => self.put_service(*key, *value),
+            Write::DeleteService(key) => self.delete_service(key),
+            Write::PutBackend(id, value) => self.put_backend(*id, *value),
+            Write::DeleteBackend(id) => self.delete_backend(*id),
+            Write::PutRevNat(id, value) => self.put_rev_nat(*id, *value),
+            Write::DeleteRevNat(id) => self.delete_rev_nat(*id),
+            Write::PutSourceRange(range) => self.put_source_range(*range),
+            Write::DeleteSourceRange(range) => self.delete_source_range(range),
+            Write::PutAffinityMatch(key) => self.put_affinity_match(*key),
+            Write::DeleteAffinityMatch(key) => self.delete_affinity_match(key),
+        }
+    }
+
     /// Every master entry's slots exist and point at existing backends, and
     /// rule 9 wildcards (port 0) have neither count nor slots: the
     /// invariants the reconciler keeps after each single write.
@@ -73,7 +118,7 @@ fn full() -> DatapathError {
 
 impl Datapath for MemoryDatapath {
     fn capacity(&self) -> Capacity {
-        self.capacity.unwrap_or(Capacity::PINNED)
+        self.capacity.unwrap_or(UNLIMITED)
     }
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError> {
@@ -82,6 +127,14 @@ impl Datapath for MemoryDatapath {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DatapathError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>, DatapathError> {
+        Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<SourceRangeEntry>, DatapathError> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
 
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, DatapathError> {
@@ -115,6 +168,30 @@ impl Datapath for MemoryDatapath {
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         self.backends.remove(&id);
         self.writes.push(Write::DeleteBackend(id));
+        Ok(())
+    }
+
+    fn put_rev_nat(&mut self, id: u32, rev_nat: RevNat) -> Result<(), DatapathError> {
+        self.rev_nat.insert(id, rev_nat);
+        self.writes.push(Write::PutRevNat(id, rev_nat));
+        Ok(())
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.rev_nat.remove(&id);
+        self.writes.push(Write::DeleteRevNat(id));
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, range: SourceRangeEntry) -> Result<(), DatapathError> {
+        self.source_ranges.insert(range);
+        self.writes.push(Write::PutSourceRange(range));
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> Result<(), DatapathError> {
+        self.source_ranges.remove(range);
+        self.writes.push(Write::DeleteSourceRange(*range));
         Ok(())
     }
 

@@ -24,7 +24,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, service_flags};
+use proxy_common::{
+    AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, scope, service_flags,
+};
 
 use crate::{
     maps::{Datapath, DatapathError, codec},
@@ -253,7 +255,8 @@ impl<D: Datapath> Reconciler<D> {
             .map(|(name, plan)| {
                 let frontends = socket_frontends(plan);
                 let existing = frontends.iter().find_map(|frontend_plan| {
-                    let master_key = codec::service_key(&frontend_plan.frontend, 0);
+                    let master_key =
+                        codec::service_key(&frontend_plan.frontend, scope::INTERNAL, 0);
                     Some(self.services.get(&master_key)?.svc_id)
                 });
                 let svc_id = self.svc_ids.id_for(name, existing);
@@ -261,7 +264,7 @@ impl<D: Datapath> Reconciler<D> {
                     .iter()
                     .flat_map(|frontend_plan| &frontend_plan.internal.backends)
                     .map(|backend| {
-                        let id = self.backend_ids.id_for(&codec::backend(backend), None);
+                        let id = self.backend_ids.id_for(&port_backend(plan, backend), None);
                         (*backend, id)
                     })
                     .collect();
@@ -296,7 +299,7 @@ impl<D: Datapath> Reconciler<D> {
                     free: usize::from(u16::MAX),
                 });
             }
-            let master = codec::service_key(&frontend_plan.frontend, 0);
+            let master = codec::service_key(&frontend_plan.frontend, scope::INTERNAL, 0);
             new_services += (0..=backends as u16)
                 .filter(|slot| {
                     !self.services.contains_key(&ServiceKey {
@@ -345,7 +348,7 @@ impl<D: Datapath> Reconciler<D> {
         report: &mut SyncReport,
     ) -> Result<(), DatapathError> {
         for (addr, id) in &port.backend_ids {
-            let backend = codec::backend(addr);
+            let backend = port_backend(port.plan, addr);
             if self.backends.get(id) != Some(&backend) {
                 self.datapath.put_backend(*id, backend)?;
                 self.backends.insert(*id, backend);
@@ -386,7 +389,7 @@ impl<D: Datapath> Reconciler<D> {
             affinity_timeout: affinity,
             ..ServiceValue::slot(0)
         };
-        let master_key = codec::service_key(&frontend_plan.frontend, 0);
+        let master_key = codec::service_key(&frontend_plan.frontend, scope::INTERNAL, 0);
         if self.write_master(master_key, master, &slots)? {
             report.frontends_written += 1;
         }
@@ -520,6 +523,11 @@ impl<D: Datapath> Reconciler<D> {
     }
 }
 
+/// A backend as the port's slots refer to it: local or not (rule 6).
+fn port_backend(plan: &ServicePortPlan, backend: &BackendAddr) -> Backend {
+    codec::backend(backend, plan.local_backends.contains(backend))
+}
+
 /// Rule 9: one wildcard per ClusterIP and protocol.
 fn cluster_ip_wildcards(desired: &DesiredState) -> BTreeSet<ServiceKey> {
     desired
@@ -553,10 +561,11 @@ impl Wanted {
         };
         for port in entries {
             wanted.svc_ids.insert(port.svc_id);
-            wanted.masters.extend(
-                port.programmed()
-                    .map(|frontend_plan| codec::service_key(&frontend_plan.frontend, 0)),
-            );
+            wanted
+                .masters
+                .extend(port.programmed().map(|frontend_plan| {
+                    codec::service_key(&frontend_plan.frontend, scope::INTERNAL, 0)
+                }));
             wanted.backend_ids.extend(port.backend_ids.values());
             wanted.affinity_match.extend(port.affinity_pairs());
         }

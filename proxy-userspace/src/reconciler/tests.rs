@@ -96,7 +96,7 @@ fn backends_of(datapath: &MemoryDatapath, frontend_last: u8) -> Option<Vec<Backe
 }
 
 fn backends_at(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<BackendAddr>> {
-    let master_key = codec::service_key(frontend, 0);
+    let master_key = codec::service_key(frontend, scope::INTERNAL, 0);
     let master = datapath.services.get(&master_key)?;
     Some(
         (1..=master.count)
@@ -111,21 +111,9 @@ fn backends_at(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<Bac
 /// Replays `writes` on a copy of `start` and checks the datapath is
 /// consistent after every single write: what a concurrent reader could see.
 fn assert_consistent_at_every_write(start: &MemoryDatapath, writes: &[Write]) {
-    let mut replay = MemoryDatapath {
-        services: start.services.clone(),
-        backends: start.backends.clone(),
-        affinity_match: start.affinity_match.clone(),
-        ..MemoryDatapath::default()
-    };
+    let mut replay = start.contents();
     for (index, write) in writes.iter().enumerate() {
-        match write {
-            Write::PutService(key, value) => replay.put_service(*key, *value).unwrap(),
-            Write::DeleteService(key) => replay.delete_service(key).unwrap(),
-            Write::PutBackend(id, value) => replay.put_backend(*id, *value).unwrap(),
-            Write::DeleteBackend(id) => replay.delete_backend(*id).unwrap(),
-            Write::PutAffinityMatch(key) => replay.put_affinity_match(*key).unwrap(),
-            Write::DeleteAffinityMatch(key) => replay.delete_affinity_match(key).unwrap(),
-        }
+        replay.apply(write).unwrap();
         if let Err(problem) = replay.check_consistent() {
             panic!("after write {index} ({write:?}): {problem}");
         }
@@ -133,12 +121,7 @@ fn assert_consistent_at_every_write(start: &MemoryDatapath, writes: &[Write]) {
 }
 
 fn snapshot(datapath: &MemoryDatapath) -> MemoryDatapath {
-    MemoryDatapath {
-        services: datapath.services.clone(),
-        backends: datapath.backends.clone(),
-        affinity_match: datapath.affinity_match.clone(),
-        ..MemoryDatapath::default()
-    }
+    datapath.contents()
 }
 
 #[test]
@@ -281,7 +264,8 @@ fn deleted_service_loses_master_first_then_slots_and_backends() {
 fn rule_21_no_endpoints_programs_a_master_with_count_zero() {
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", plan(10, &[], None))]));
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.count, 0);
     assert_eq!(reconciler.datapath().services.len(), 1);
 }
@@ -309,7 +293,8 @@ fn shared_backend_stays_while_another_service_uses_it() {
 fn rule_23_affinity_match_follows_the_selected_set() {
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", plan(10, &[11, 12], Some(30)))]));
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.affinity_timeout, 30);
     assert_eq!(reconciler.datapath().affinity_match.len(), 2);
 
@@ -320,8 +305,9 @@ fn rule_23_affinity_match_follows_the_selected_set() {
         .iter()
         .copied()
         .collect();
-    let remaining_id =
-        reconciler.datapath().services[&codec::service_key(&frontend(10), 1)].backend_id;
+    let remaining_id = reconciler.datapath().services
+        [&codec::service_key(&frontend(10), scope::INTERNAL, 1)]
+        .backend_id;
     assert_eq!(
         pairs,
         vec![AffinityMatchKey {
@@ -333,7 +319,8 @@ fn rule_23_affinity_match_follows_the_selected_set() {
 
     reconciler.sync(&desired(&[("web", plan(10, &[12], None))]));
     assert!(reconciler.datapath().affinity_match.is_empty());
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.affinity_timeout, 0);
 }
 
@@ -383,7 +370,7 @@ fn orphaned_slots_from_an_interrupted_delete_are_removed() {
     let mut interrupted = snapshot(reconciler.datapath());
     interrupted
         .services
-        .remove(&codec::service_key(&frontend(10), 0));
+        .remove(&codec::service_key(&frontend(10), scope::INTERNAL, 0));
 
     let mut restarted = Reconciler::new(interrupted).unwrap();
     restarted.sync(&DesiredState::default());
@@ -400,7 +387,7 @@ fn service_port_ids_survive_restart_for_affinity() {
     let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
     first.sync(&state);
     let svc_id_of = |datapath: &MemoryDatapath, last: u8| {
-        datapath.services[&codec::service_key(&frontend(last), 0)].svc_id
+        datapath.services[&codec::service_key(&frontend(last), scope::INTERNAL, 0)].svc_id
     };
     let ids_before = [
         svc_id_of(first.datapath(), 10),
@@ -435,7 +422,7 @@ fn rule_18_19_drop_flag_when_only_other_frontends_have_endpoints() {
     };
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", dropping)]));
-    let master_key = codec::service_key(&frontend(10), 0);
+    let master_key = codec::service_key(&frontend(10), scope::INTERNAL, 0);
     let master = reconciler.datapath().services[&master_key];
     assert_eq!(
         (master.count, master.flags),
@@ -509,11 +496,14 @@ fn rule_09_wildcards_survive_restart_and_hold_no_service_port_id() {
         .ports
         .insert(port_name("aaa"), plan(30, &[12], Some(60)));
     restarted.sync(&with_new);
-    let svc_id = restarted.datapath().services[&codec::service_key(&frontend(30), 0)].svc_id;
+    let svc_id = restarted.datapath().services
+        [&codec::service_key(&frontend(30), scope::INTERNAL, 0)]
+        .svc_id;
     assert_ne!(svc_id, 0);
     assert_ne!(
         svc_id,
-        restarted.datapath().services[&codec::service_key(&frontend(10), 0)].svc_id
+        restarted.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)]
+            .svc_id
     );
 }
 
@@ -574,12 +564,13 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
     assert_eq!(datapath.backends.len(), 2, "one id per backend");
     let svc_ids: BTreeSet<u32> = [frontend(10), node_port_frontend(30080)]
         .iter()
-        .map(|f| datapath.services[&codec::service_key(f, 0)].svc_id)
+        .map(|f| datapath.services[&codec::service_key(f, scope::INTERNAL, 0)].svc_id)
         .collect();
     assert_eq!(svc_ids.len(), 1, "one service-port id for all frontends");
     // Rules 19, 23: the frontends select different sets, so their affinity
     // is kept apart: a NodePort choice never leaks into the ClusterIP.
-    let selection_of = |f: &Frontend| datapath.services[&codec::service_key(f, 0)].selection;
+    let selection_of =
+        |f: &Frontend| datapath.services[&codec::service_key(f, scope::INTERNAL, 0)].selection;
     assert_eq!(selection_of(&frontend(10)), 0);
     assert_eq!(selection_of(&node_port_frontend(30080)), 1);
     let id = |last: u8| {
@@ -610,6 +601,8 @@ fn port_too_large_for_the_maps_is_refused_whole_and_others_are_programmed() {
         capacity: Some(Capacity {
             services: 100,
             backends: 4,
+            rev_nat: 100,
+            source_ranges: 100,
             affinity_match: 100,
         }),
         ..MemoryDatapath::default()
@@ -724,6 +717,8 @@ fn rule_09_wildcards_that_do_not_fit_are_skipped_not_retried() {
         capacity: Some(Capacity {
             services: 2,
             backends: 10,
+            rev_nat: 10,
+            source_ranges: 10,
             affinity_match: 10,
         }),
         ..MemoryDatapath::default()
