@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
-use proxy_common::{AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names};
+use proxy_common::{
+    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names, scope, service_flags,
+};
 
 use super::{Capacity, Datapath, DatapathError, codec, codec::SourceRangeEntry};
 
@@ -78,30 +80,134 @@ impl MemoryDatapath {
         }
     }
 
-    /// Every master entry's slots exist and point at existing backends, and
-    /// rule 9 wildcards (port 0) have neither count nor slots: the
-    /// invariants the reconciler keeps after each single write.
+    /// The invariants the reconciler keeps after each single write, what a
+    /// concurrent reader may rely on: every master's slots exist and point
+    /// at existing backends; a frontend's master names its rev-NAT entry;
+    /// a master checking source ranges has some; affinity pairs exist for
+    /// the backends an affinity master selects; rule 9 wildcards (port 0)
+    /// have neither count, slots nor ids.
     pub fn check_consistent(&self) -> Result<(), String> {
-        if let Some((key, _)) = self.services.iter().find(|(key, value)| {
-            codec::is_cluster_ip_wildcard(key) && (key.slot != 0 || value.count != 0)
-        }) {
-            return Err(format!("{key:?}: a wildcard with backend slots"));
-        }
         for (key, value) in self.services.iter().filter(|(key, _)| key.slot == 0) {
-            for slot in 1..=value.count {
-                let slot_key = ServiceKey { slot, ..*key };
-                let Some(slot_value) = self.services.get(&slot_key) else {
-                    return Err(format!("{key:?}: slot {slot} missing"));
-                };
-                if !self.backends.contains_key(&slot_value.backend_id) {
-                    return Err(format!(
-                        "{key:?}: backend {} missing",
-                        slot_value.backend_id
-                    ));
+            if codec::is_cluster_ip_wildcard(key) {
+                if *value != ServiceValue::slot(0) || key.scope != scope::INTERNAL {
+                    return Err(format!("{key:?}: a wildcard with {value:?}"));
+                }
+                continue;
+            }
+            let slots = self.slots(key, value)?;
+            for backend_id in &slots {
+                if !self.backends.contains_key(backend_id) {
+                    return Err(format!("{key:?}: backend {backend_id} missing"));
+                }
+            }
+            let frontend = codec::frontend(key).ok_or(format!("{key:?}: unknown protocol"))?;
+            if value.rev_nat_id == 0 {
+                return Err(format!("{key:?}: no rev-NAT id"));
+            }
+            if self.rev_nat.get(&value.rev_nat_id) != Some(&codec::rev_nat(&frontend)) {
+                return Err(format!(
+                    "{key:?}: rev-NAT entry {} missing or another frontend's",
+                    value.rev_nat_id
+                ));
+            }
+            if value.flags & service_flags::SOURCE_RANGES != 0
+                && !self
+                    .source_ranges
+                    .iter()
+                    .any(|range| range.rev_nat_id == value.rev_nat_id)
+            {
+                return Err(format!("{key:?}: checks source ranges it does not have"));
+            }
+            if value.affinity_timeout != 0 {
+                for backend_id in slots {
+                    let pair = AffinityMatchKey {
+                        backend_id,
+                        svc_id: value.svc_id,
+                        selection: u32::from(value.selection),
+                    };
+                    if !self.affinity_match.contains(&pair) {
+                        return Err(format!("{key:?}: affinity pair {pair:?} missing"));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// What a complete sync leaves besides [`Self::check_consistent`]:
+    /// nothing stray. Every slot within its master's count, every rev-NAT
+    /// entry, source range, affinity pair and backend used by a master, and
+    /// a frontend's two scopes agree on its ids.
+    pub fn check_settled(&self) -> Result<(), String> {
+        self.check_consistent()?;
+        for key in self.services.keys().filter(|key| key.slot != 0) {
+            let master = self.services.get(&key.with_slot(0));
+            if master.is_none_or(|master| key.slot > master.count) {
+                return Err(format!("{key:?}: a slot no master counts"));
+            }
+        }
+        let masters: Vec<(&ServiceKey, &ServiceValue)> = self
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot == 0 && !codec::is_cluster_ip_wildcard(key))
+            .collect();
+        for (key, value) in &masters {
+            let other_scope = ServiceKey {
+                scope: scope::EXTERNAL - key.scope,
+                ..**key
+            };
+            if let Some(other) = self.services.get(&other_scope)
+                && (other.rev_nat_id, other.svc_id) != (value.rev_nat_id, value.svc_id)
+            {
+                return Err(format!("{key:?}: its scopes disagree on ids"));
+            }
+        }
+        if let Some(id) = self
+            .rev_nat
+            .keys()
+            .find(|id| !masters.iter().any(|(_, m)| m.rev_nat_id == **id))
+        {
+            return Err(format!("rev-NAT entry {id}: no master names it"));
+        }
+        if let Some(range) = self.source_ranges.iter().find(|range| {
+            !masters.iter().any(|(_, m)| {
+                m.rev_nat_id == range.rev_nat_id && m.flags & service_flags::SOURCE_RANGES != 0
+            })
+        }) {
+            return Err(format!("{range:?}: no master checks it"));
+        }
+        let mut selected = BTreeSet::new();
+        for (key, value) in &masters {
+            selected.extend(self.slots(key, value)?);
+        }
+        if let Some(pair) = self.affinity_match.iter().find(|pair| {
+            !masters.iter().any(|(key, m)| {
+                m.affinity_timeout != 0
+                    && m.svc_id == pair.svc_id
+                    && u32::from(m.selection) == pair.selection
+                    && self
+                        .slots(key, m)
+                        .is_ok_and(|slots| slots.contains(&pair.backend_id))
+            })
+        }) {
+            return Err(format!("{pair:?}: no affinity master selects it"));
+        }
+        if let Some(id) = self.backends.keys().find(|id| !selected.contains(id)) {
+            return Err(format!("backend {id}: no slot refers to it"));
+        }
+        Ok(())
+    }
+
+    /// The backend ids in a master's slots, in slot order.
+    fn slots(&self, key: &ServiceKey, master: &ServiceValue) -> Result<Vec<u32>, String> {
+        (1..=master.count)
+            .map(|slot| {
+                self.services
+                    .get(&key.with_slot(slot))
+                    .map(|value| value.backend_id)
+                    .ok_or(format!("{key:?}: slot {slot} missing"))
+            })
+            .collect()
     }
 }
 
