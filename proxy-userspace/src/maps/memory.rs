@@ -153,7 +153,10 @@ impl MemoryDatapath {
             .collect();
         for (key, value) in &masters {
             let other_scope = ServiceKey {
-                scope: scope::EXTERNAL - key.scope,
+                scope: match key.scope {
+                    scope::INTERNAL => scope::EXTERNAL,
+                    _ => scope::INTERNAL,
+                },
                 ..**key
             };
             if let Some(other) = self.services.get(&other_scope)
