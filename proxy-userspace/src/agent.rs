@@ -232,8 +232,10 @@ impl SyncLoop {
         let started = Instant::now();
         let report = reconciler.sync(desired);
         self.metrics.observe_sync(started.elapsed());
-        self.metrics
-            .set_over_capacity(report.over_capacity.len() as i64);
+        self.metrics.set_over_capacity(
+            report.over_capacity.len() as i64,
+            report.wildcards_over_capacity as i64,
+        );
         log_report(&report, desired.ports.len());
         if !report.is_complete() {
             return false;
@@ -392,7 +394,7 @@ fn log_report(report: &SyncReport, service_ports: usize) {
             .collect();
         tracing::error!(
             service_ports = report.over_capacity.len(),
-            cluster_ips = report.wildcards_over_capacity,
+            cluster_ip_wildcards = report.wildcards_over_capacity,
             examples = %examples.join("; "),
             "not programmed: the maps have no room left"
         );
@@ -409,6 +411,8 @@ fn log_report(report: &SyncReport, service_ports: usize) {
         frontends_deleted = report.frontends_deleted,
         backends_added = report.backends_added,
         backends_deleted = report.backends_deleted,
+        source_ranges_written = report.source_ranges_written,
+        source_ranges_deleted = report.source_ranges_deleted,
         complete = report.is_complete(),
         "synced"
     );

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{HashMap, LpmTrie, Map, MapData};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -22,8 +22,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, ServiceKey, ServiceValue, SockRevNatKey,
-    SockRevNatValue, map_names,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, RevNat,
+    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_names,
 };
 
 use crate::{
@@ -61,6 +61,7 @@ pub struct Metrics {
     conntrack_gc_expired: Family<RemovalLabel, Counter>,
     conntrack_gc_orphans: Counter,
     conntrack_gc_duration: Histogram,
+    wildcards_over_capacity: Gauge,
 }
 
 impl Metrics {
@@ -81,6 +82,7 @@ impl Metrics {
             conntrack_gc_expired: Family::default(),
             conntrack_gc_orphans: Counter::default(),
             conntrack_gc_duration: seconds(),
+            wildcards_over_capacity: Gauge::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -150,6 +152,13 @@ impl Metrics {
                 "How long one conntrack GC run took",
                 metrics.conntrack_gc_duration.clone(),
             );
+            registry.register(
+                "ebpf_proxy_cluster_ip_wildcards_over_capacity",
+                "ClusterIP entries refusing undefined ports (rule 9, one per ClusterIP and \
+                 protocol) not programmed because the services map has no room: service ports \
+                 come first",
+                metrics.wildcards_over_capacity.clone(),
+            );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
         }
@@ -186,8 +195,11 @@ impl Metrics {
         }
     }
 
-    pub fn set_over_capacity(&self, ports: i64) {
+    /// Service ports and rule 9 entries the last sync left out for lack
+    /// of room.
+    pub fn set_over_capacity(&self, ports: i64, wildcards: i64) {
         self.over_capacity.set(ports);
+        self.wildcards_over_capacity.set(wildcards);
     }
 
     pub fn observe_conntrack_gc(&self, report: &GcReport) {
@@ -247,32 +259,57 @@ struct MapLabel {
     map: &'static str,
 }
 
+/// Counts a map's entries; `None` when it is not of the expected kind.
+type CountEntries = fn(Map) -> Option<u64>;
+
+/// Every map with a fill level, and how to count its entries (all but the
+/// per-CPU counters, an array).
+const FILLED_MAPS: [(&str, CountEntries); 9] = [
+    (map_names::SERVICES, count_hash::<ServiceKey, ServiceValue>),
+    (map_names::BACKENDS, count_hash::<u32, Backend>),
+    (map_names::REV_NAT, count_hash::<u32, RevNat>),
+    (map_names::SOURCE_RANGES, count_lpm::<SourceRange, u8>),
+    (
+        map_names::AFFINITY,
+        count_hash::<AffinityKey, AffinityValue>,
+    ),
+    (
+        map_names::AFFINITY_MATCH,
+        count_hash::<AffinityMatchKey, u8>,
+    ),
+    (
+        map_names::SOCK_REV_NAT,
+        count_hash::<SockRevNatKey, SockRevNatValue>,
+    ),
+    (map_names::CONNTRACK, count_hash::<Flow4, CtEntry>),
+    (map_names::CT_REPLY, count_hash::<Flow4, CtReply>),
+];
+
+/// Entries of a hash or LRU hash map.
+fn count_hash<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<u64> {
+    let map: HashMap<MapData, K, V> = HashMap::try_from(map).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+fn count_lpm<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<u64> {
+    let map: LpmTrie<MapData, K, V> = LpmTrie::try_from(map).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}
+
 impl DatapathCollector {
     /// Entries and capacity of each map; counting walks the keys, which for
-    /// the largest map (262k socket rev-NAT entries) stays in milliseconds.
+    /// the largest maps (262k conntrack or socket rev-NAT entries by
+    /// default) takes a fraction of a second.
     fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
-        [
-            self.fill::<ServiceKey, ServiceValue>(map_names::SERVICES, Map::HashMap),
-            self.fill::<u32, Backend>(map_names::BACKENDS, Map::HashMap),
-            self.fill::<AffinityKey, AffinityValue>(map_names::AFFINITY, Map::LruHashMap),
-            self.fill::<AffinityMatchKey, u8>(map_names::AFFINITY_MATCH, Map::HashMap),
-            self.fill::<SockRevNatKey, SockRevNatValue>(map_names::SOCK_REV_NAT, Map::LruHashMap),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
-    }
-
-    fn fill<K: aya::Pod, V: aya::Pod>(
-        &self,
-        name: &'static str,
-        kind: fn(MapData) -> Map,
-    ) -> Option<(&'static str, u64, u64)> {
-        let data = open_pinned(&self.bpffs, name).ok()?;
-        let max_entries = data.info().ok()?.max_entries();
-        let map: HashMap<MapData, K, V> = HashMap::try_from(kind(data)).ok()?;
-        let entries = map.keys().filter(Result::is_ok).count() as u64;
-        Some((name, entries, u64::from(max_entries)))
+        FILLED_MAPS
+            .iter()
+            .filter_map(|(name, count)| {
+                let data = open_pinned(&self.bpffs, name).ok()?;
+                let max_entries = data.info().ok()?.max_entries();
+                let entries = count(Map::from_map_data(data).ok()?)?;
+                Some((*name, entries, u64::from(max_entries)))
+            })
+            .collect()
     }
 }
 
@@ -353,6 +390,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rule_34_every_map_but_the_counters_has_a_fill_level() {
+        let filled: Vec<&str> = FILLED_MAPS.iter().map(|(name, _)| *name).collect();
+        let expected: Vec<&str> = map_names::ALL
+            .into_iter()
+            .filter(|name| *name != map_names::COUNTERS)
+            .collect();
+        assert_eq!(filled, expected);
+    }
+
+    #[test]
     fn rule_34_kube_proxy_metric_names_are_exposed() {
         let source = SourceStatus::default();
         source.count_invalid("Service");
@@ -361,6 +408,7 @@ mod tests {
         metrics.observe_programmed(Duration::from_millis(5));
         metrics.count_changes(2, 3);
         metrics.set_no_local_endpoints(1, 0);
+        metrics.set_over_capacity(2, 6);
         let text = metrics.render().unwrap();
         for name in [
             "kubeproxy_sync_proxy_rules_duration_seconds_bucket",
@@ -370,6 +418,8 @@ mod tests {
             "kubeproxy_sync_proxy_rules_service_changes_total 2",
             "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\"} 1",
             "ebpf_proxy_invalid_objects_total{kind=\"Service\"} 1",
+            "ebpf_proxy_service_ports_over_capacity 2",
+            "ebpf_proxy_cluster_ip_wildcards_over_capacity 6",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

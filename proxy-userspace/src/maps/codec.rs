@@ -4,7 +4,9 @@
 
 use std::net::Ipv4Addr;
 
-use proxy_common::{Backend, ServiceKey, proto, scope};
+use aya::maps::lpm_trie::Key;
+use ipnet::Ipv4Net;
+use proxy_common::{Backend, RevNat, ServiceKey, SourceRange, backend_flags, proto, scope};
 
 use crate::model::{BackendAddr, Frontend, Protocol};
 
@@ -40,12 +42,14 @@ pub fn port_from_map(port: u16) -> u16 {
     u16::from_be(port)
 }
 
-pub fn service_key(frontend: &Frontend, slot: u16) -> ServiceKey {
+/// Slot `slot` of `frontend`'s master in `scope` ([`scope::INTERNAL`] or
+/// [`scope::EXTERNAL`]).
+pub fn service_key(frontend: &Frontend, scope: u8, slot: u16) -> ServiceKey {
     ServiceKey::new(
         addr_to_map(frontend.addr),
         port_to_map(frontend.port),
         proto_number(frontend.protocol),
-        scope::INTERNAL,
+        scope,
         slot,
     )
 }
@@ -58,7 +62,7 @@ pub fn cluster_ip_wildcard(addr: Ipv4Addr, protocol: Protocol) -> ServiceKey {
         port: 0,
         protocol,
     };
-    service_key(&frontend, 0)
+    service_key(&frontend, scope::INTERNAL, 0)
 }
 
 pub fn is_cluster_ip_wildcard(key: &ServiceKey) -> bool {
@@ -75,13 +79,20 @@ pub fn frontend(key: &ServiceKey) -> Option<Frontend> {
     })
 }
 
-pub fn backend(backend: &BackendAddr) -> Backend {
+/// `local`: the endpoint runs on this node (rule 6), so external flows to
+/// it are not source-NATed (rule 17).
+pub fn backend(backend: &BackendAddr, local: bool) -> Backend {
+    let flags = if local { backend_flags::LOCAL } else { 0 };
     Backend::new(
         addr_to_map(backend.addr),
         port_to_map(backend.port),
         proto_number(backend.protocol),
-        0,
+        flags,
     )
+}
+
+pub fn is_local(backend: &Backend) -> bool {
+    backend.flags & backend_flags::LOCAL != 0
 }
 
 pub fn backend_addr(backend: &Backend) -> Option<BackendAddr> {
@@ -90,6 +101,49 @@ pub fn backend_addr(backend: &Backend) -> Option<BackendAddr> {
         port: port_from_map(backend.port),
         protocol: protocol(backend.proto)?,
     })
+}
+
+/// The address replies of `frontend`'s flows must come from.
+pub fn rev_nat(frontend: &Frontend) -> RevNat {
+    RevNat {
+        addr: addr_to_map(frontend.addr),
+        port: port_to_map(frontend.port),
+        _pad0: 0,
+    }
+}
+
+/// An entry of `lb4_src_ranges`: new external flows to the frontend with
+/// rev-NAT id `rev_nat_id` may come from `cidr` (rule 15).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRangeEntry {
+    pub rev_nat_id: u32,
+    pub cidr: Ipv4Net,
+}
+
+impl SourceRangeEntry {
+    /// Host bits are cleared: the trie holds one key per range.
+    pub fn new(rev_nat_id: u32, cidr: Ipv4Net) -> Self {
+        Self {
+            rev_nat_id,
+            cidr: cidr.trunc(),
+        }
+    }
+}
+
+pub fn source_range_key(entry: &SourceRangeEntry) -> Key<SourceRange> {
+    Key::new(
+        SourceRange::prefix_len(entry.cidr.prefix_len()),
+        SourceRange::new(entry.rev_nat_id, addr_to_map(entry.cidr.network())),
+    )
+}
+
+/// `None` for a key no agent writes (a prefix shorter than the rev-NAT id
+/// or longer than an address).
+pub fn source_range_entry(key: &Key<SourceRange>) -> Option<SourceRangeEntry> {
+    let cidr_len = key.prefix_len().checked_sub(SourceRange::prefix_len(0))?;
+    let range = key.data();
+    let cidr = Ipv4Net::new(addr_from_map(range.addr), u8::try_from(cidr_len).ok()?).ok()?;
+    Some(SourceRangeEntry::new(u32::from_be(range.rev_nat_id), cidr))
 }
 
 #[cfg(test)]
@@ -103,11 +157,15 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
         };
-        let key = service_key(&frontend, 0);
+        let key = service_key(&frontend, scope::EXTERNAL, 0);
         assert_eq!(key.addr.to_ne_bytes(), [10, 96, 0, 10]);
         assert_eq!(key.port.to_ne_bytes(), [0, 80]);
         assert_eq!(key.proto, 6);
+        assert_eq!(key.scope, scope::EXTERNAL);
         assert_eq!(super::frontend(&key), Some(frontend));
+        let rev_nat = rev_nat(&frontend);
+        assert_eq!(rev_nat.addr.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(rev_nat.port.to_ne_bytes(), [0, 80]);
     }
 
     #[test]
@@ -117,9 +175,63 @@ mod tests {
             port: 8443,
             protocol: Protocol::Udp,
         };
-        let value = backend(&addr);
+        let value = backend(&addr, false);
         assert_eq!(value.proto, 17);
+        assert!(!is_local(&value));
         assert_eq!(backend_addr(&value), Some(addr));
+    }
+
+    #[test]
+    fn rule_06_17_local_backends_carry_the_local_flag() {
+        let addr = BackendAddr {
+            addr: Ipv4Addr::new(10, 244, 1, 11),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        };
+        let local = backend(&addr, true);
+        assert_eq!(local.flags, backend_flags::LOCAL);
+        assert!(is_local(&local));
+        assert_eq!(backend_addr(&local), Some(addr));
+        assert_ne!(local, backend(&addr, false), "a different map value");
+    }
+
+    #[test]
+    fn rule_15_source_range_keys_lead_with_the_rev_nat_id() {
+        let entry = SourceRangeEntry::new(0x0102_0304, "203.0.113.7/24".parse().unwrap());
+        assert_eq!(
+            entry.cidr,
+            "203.0.113.0/24".parse().unwrap(),
+            "host bits cleared"
+        );
+        let key = source_range_key(&entry);
+        assert_eq!(key.prefix_len(), 32 + 24);
+        let bytes: [u8; 12] = bytemuck::cast(key_words(&key));
+        assert_eq!(
+            bytes,
+            [56, 0, 0, 0, 1, 2, 3, 4, 203, 0, 113, 0],
+            "prefix length (host order), then id and address as the trie compares them"
+        );
+        assert_eq!(source_range_entry(&key), Some(entry));
+
+        let everyone = SourceRangeEntry::new(9, "0.0.0.0/0".parse().unwrap());
+        assert_eq!(source_range_key(&everyone).prefix_len(), 32);
+        assert_eq!(
+            source_range_entry(&source_range_key(&everyone)),
+            Some(everyone)
+        );
+    }
+
+    #[test]
+    fn rule_15_foreign_source_range_keys_are_not_decoded() {
+        let short = Key::new(16, SourceRange::new(1, 0));
+        let long = Key::new(65, SourceRange::new(1, 0));
+        assert_eq!(source_range_entry(&short), None);
+        assert_eq!(source_range_entry(&long), None);
+    }
+
+    fn key_words(key: &Key<SourceRange>) -> [u32; 3] {
+        let data = key.data();
+        [key.prefix_len(), data.rev_nat_id, data.addr]
     }
 
     #[test]
@@ -135,7 +247,11 @@ mod tests {
             port: 80,
             protocol: Protocol::Udp,
         };
-        assert!(!is_cluster_ip_wildcard(&service_key(&real, 0)));
+        assert!(!is_cluster_ip_wildcard(&service_key(
+            &real,
+            scope::INTERNAL,
+            0
+        )));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names};
+use proxy_common::{
+    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names, scope, service_flags,
+};
 
-use super::{Capacity, Datapath, DatapathError, codec};
+use super::{Capacity, Datapath, DatapathError, codec, codec::SourceRangeEntry};
 
 /// One write, as the datapath saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,48 +17,200 @@ pub enum Write {
     DeleteService(ServiceKey),
     PutBackend(u32, Backend),
     DeleteBackend(u32),
+    PutRevNat(u32, RevNat),
+    DeleteRevNat(u32),
+    PutSourceRange(SourceRangeEntry),
+    DeleteSourceRange(SourceRangeEntry),
     PutAffinityMatch(AffinityMatchKey),
     DeleteAffinityMatch(AffinityMatchKey),
 }
+
+/// Maps with room for everything a test writes.
+const UNLIMITED: Capacity = Capacity {
+    services: usize::MAX,
+    backends: usize::MAX,
+    rev_nat: usize::MAX,
+    source_ranges: usize::MAX,
+    affinity_match: usize::MAX,
+};
 
 #[derive(Debug, Default)]
 pub struct MemoryDatapath {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, Backend>,
+    pub rev_nat: BTreeMap<u32, RevNat>,
+    pub source_ranges: BTreeSet<SourceRangeEntry>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
     pub writes: Vec<Write>,
     /// When set, inserting a new services key beyond this many fails (a
     /// map the reconciler believed had room refuses the write).
     pub services_capacity: Option<usize>,
-    /// What the reconciler is told the maps hold at most.
+    /// What the reconciler is told the maps hold at most; unlimited when
+    /// unset.
     pub capacity: Option<Capacity>,
 }
 
 impl MemoryDatapath {
-    /// Every master entry's slots exist and point at existing backends, and
-    /// rule 9 wildcards (port 0) have neither count nor slots: the
-    /// invariants the reconciler keeps after each single write.
-    pub fn check_consistent(&self) -> Result<(), String> {
-        if let Some((key, _)) = self.services.iter().find(|(key, value)| {
-            codec::is_cluster_ip_wildcard(key) && (key.slot != 0 || value.count != 0)
-        }) {
-            return Err(format!("{key:?}: a wildcard with backend slots"));
+    /// The same map contents, without the write log and failure knobs: what
+    /// a restarted agent reads back.
+    pub fn contents(&self) -> MemoryDatapath {
+        MemoryDatapath {
+            services: self.services.clone(),
+            backends: self.backends.clone(),
+            rev_nat: self.rev_nat.clone(),
+            source_ranges: self.source_ranges.clone(),
+            affinity_match: self.affinity_match.clone(),
+            ..MemoryDatapath::default()
         }
+    }
+
+    /// Applies one recorded write.
+    pub fn apply(&mut self, write: &Write) -> Result<(), DatapathError> {
+        match write {
+            Write::PutService(key, value) => self.put_service(*key, *value),
+            Write::DeleteService(key) => self.delete_service(key),
+            Write::PutBackend(id, value) => self.put_backend(*id, *value),
+            Write::DeleteBackend(id) => self.delete_backend(*id),
+            Write::PutRevNat(id, value) => self.put_rev_nat(*id, *value),
+            Write::DeleteRevNat(id) => self.delete_rev_nat(*id),
+            Write::PutSourceRange(range) => self.put_source_range(*range),
+            Write::DeleteSourceRange(range) => self.delete_source_range(range),
+            Write::PutAffinityMatch(key) => self.put_affinity_match(*key),
+            Write::DeleteAffinityMatch(key) => self.delete_affinity_match(key),
+        }
+    }
+
+    /// The invariants the reconciler keeps after each single write, what a
+    /// concurrent reader may rely on: every master's slots exist and point
+    /// at existing backends; a frontend's master names its rev-NAT entry;
+    /// a master checking source ranges has some; affinity pairs exist for
+    /// the backends an affinity master selects; rule 9 wildcards (port 0)
+    /// have neither count, slots nor ids.
+    pub fn check_consistent(&self) -> Result<(), String> {
         for (key, value) in self.services.iter().filter(|(key, _)| key.slot == 0) {
-            for slot in 1..=value.count {
-                let slot_key = ServiceKey { slot, ..*key };
-                let Some(slot_value) = self.services.get(&slot_key) else {
-                    return Err(format!("{key:?}: slot {slot} missing"));
-                };
-                if !self.backends.contains_key(&slot_value.backend_id) {
-                    return Err(format!(
-                        "{key:?}: backend {} missing",
-                        slot_value.backend_id
-                    ));
+            if codec::is_cluster_ip_wildcard(key) {
+                if *value != ServiceValue::slot(0) || key.scope != scope::INTERNAL {
+                    return Err(format!("{key:?}: a wildcard with {value:?}"));
+                }
+                continue;
+            }
+            let slots = self.slots(key, value)?;
+            for backend_id in &slots {
+                if !self.backends.contains_key(backend_id) {
+                    return Err(format!("{key:?}: backend {backend_id} missing"));
+                }
+            }
+            let frontend = codec::frontend(key).ok_or(format!("{key:?}: unknown protocol"))?;
+            if value.rev_nat_id == 0 {
+                return Err(format!("{key:?}: no rev-NAT id"));
+            }
+            if self.rev_nat.get(&value.rev_nat_id) != Some(&codec::rev_nat(&frontend)) {
+                return Err(format!(
+                    "{key:?}: rev-NAT entry {} missing or another frontend's",
+                    value.rev_nat_id
+                ));
+            }
+            if value.flags & service_flags::SOURCE_RANGES != 0
+                && !self
+                    .source_ranges
+                    .iter()
+                    .any(|range| range.rev_nat_id == value.rev_nat_id)
+            {
+                return Err(format!("{key:?}: checks source ranges it does not have"));
+            }
+            if value.affinity_timeout != 0 {
+                for backend_id in slots {
+                    let pair = AffinityMatchKey {
+                        backend_id,
+                        svc_id: value.svc_id,
+                        selection: u32::from(value.selection),
+                    };
+                    if !self.affinity_match.contains(&pair) {
+                        return Err(format!("{key:?}: affinity pair {pair:?} missing"));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// What a complete sync leaves besides [`Self::check_consistent`]:
+    /// nothing stray. Every slot within its master's count, every rev-NAT
+    /// entry, source range, affinity pair and backend used by a master, and
+    /// a frontend's two scopes agree on its ids.
+    pub fn check_settled(&self) -> Result<(), String> {
+        self.check_consistent()?;
+        for key in self.services.keys().filter(|key| key.slot != 0) {
+            let master = self.services.get(&key.with_slot(0));
+            if master.is_none_or(|master| key.slot > master.count) {
+                return Err(format!("{key:?}: a slot no master counts"));
+            }
+        }
+        let masters: Vec<(&ServiceKey, &ServiceValue)> = self
+            .services
+            .iter()
+            .filter(|(key, _)| key.slot == 0 && !codec::is_cluster_ip_wildcard(key))
+            .collect();
+        for (key, value) in &masters {
+            let other_scope = ServiceKey {
+                scope: match key.scope {
+                    scope::INTERNAL => scope::EXTERNAL,
+                    _ => scope::INTERNAL,
+                },
+                ..**key
+            };
+            if let Some(other) = self.services.get(&other_scope)
+                && (other.rev_nat_id, other.svc_id) != (value.rev_nat_id, value.svc_id)
+            {
+                return Err(format!("{key:?}: its scopes disagree on ids"));
+            }
+        }
+        if let Some(id) = self
+            .rev_nat
+            .keys()
+            .find(|id| !masters.iter().any(|(_, m)| m.rev_nat_id == **id))
+        {
+            return Err(format!("rev-NAT entry {id}: no master names it"));
+        }
+        if let Some(range) = self.source_ranges.iter().find(|range| {
+            !masters.iter().any(|(_, m)| {
+                m.rev_nat_id == range.rev_nat_id && m.flags & service_flags::SOURCE_RANGES != 0
+            })
+        }) {
+            return Err(format!("{range:?}: no master checks it"));
+        }
+        let mut selected = BTreeSet::new();
+        for (key, value) in &masters {
+            selected.extend(self.slots(key, value)?);
+        }
+        if let Some(pair) = self.affinity_match.iter().find(|pair| {
+            !masters.iter().any(|(key, m)| {
+                m.affinity_timeout != 0
+                    && m.svc_id == pair.svc_id
+                    && u32::from(m.selection) == pair.selection
+                    && self
+                        .slots(key, m)
+                        .is_ok_and(|slots| slots.contains(&pair.backend_id))
+            })
+        }) {
+            return Err(format!("{pair:?}: no affinity master selects it"));
+        }
+        if let Some(id) = self.backends.keys().find(|id| !selected.contains(id)) {
+            return Err(format!("backend {id}: no slot refers to it"));
+        }
+        Ok(())
+    }
+
+    /// The backend ids in a master's slots, in slot order.
+    fn slots(&self, key: &ServiceKey, master: &ServiceValue) -> Result<Vec<u32>, String> {
+        (1..=master.count)
+            .map(|slot| {
+                self.services
+                    .get(&key.with_slot(slot))
+                    .map(|value| value.backend_id)
+                    .ok_or(format!("{key:?}: slot {slot} missing"))
+            })
+            .collect()
     }
 }
 
@@ -73,7 +227,7 @@ fn full() -> DatapathError {
 
 impl Datapath for MemoryDatapath {
     fn capacity(&self) -> Capacity {
-        self.capacity.unwrap_or(Capacity::PINNED)
+        self.capacity.unwrap_or(UNLIMITED)
     }
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError> {
@@ -82,6 +236,14 @@ impl Datapath for MemoryDatapath {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DatapathError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>, DatapathError> {
+        Ok(self.rev_nat.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+
+    fn source_ranges(&self) -> Result<Vec<SourceRangeEntry>, DatapathError> {
+        Ok(self.source_ranges.iter().copied().collect())
     }
 
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, DatapathError> {
@@ -115,6 +277,30 @@ impl Datapath for MemoryDatapath {
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         self.backends.remove(&id);
         self.writes.push(Write::DeleteBackend(id));
+        Ok(())
+    }
+
+    fn put_rev_nat(&mut self, id: u32, rev_nat: RevNat) -> Result<(), DatapathError> {
+        self.rev_nat.insert(id, rev_nat);
+        self.writes.push(Write::PutRevNat(id, rev_nat));
+        Ok(())
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), DatapathError> {
+        self.rev_nat.remove(&id);
+        self.writes.push(Write::DeleteRevNat(id));
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, range: SourceRangeEntry) -> Result<(), DatapathError> {
+        self.source_ranges.insert(range);
+        self.writes.push(Write::PutSourceRange(range));
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> Result<(), DatapathError> {
+        self.source_ranges.remove(range);
+        self.writes.push(Write::DeleteSourceRange(*range));
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The datapath's maps as the reconciler writes them and operators read
 //! them. [`Datapath`] is what the reconciler needs; [`PinnedMaps`] is the
-//! real thing (BPF maps pinned under `<bpffs>/maps/`), and tests use an
-//! in-memory double. [`codec`] converts between model and map types.
+//! real thing (BPF maps pinned under the agent's bpffs directory), and
+//! tests use an in-memory double. [`codec`] converts between model and map
+//! types.
 
 pub mod codec;
 #[cfg(test)]
@@ -9,8 +10,12 @@ pub mod memory;
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, map_sizes};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
+use proxy_common::{
+    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, SourceRange, map_names,
+};
+
+use codec::SourceRangeEntry;
 
 /// A failed map operation, with the map and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -26,34 +31,35 @@ fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> Data
     move |source| DatapathError { map, op, source }
 }
 
-/// How many entries each map the reconciler writes can hold.
+/// How many entries each map the reconciler writes can hold: the maps'
+/// own `max_entries`, which the agent chooses when it creates them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub services: usize,
     pub backends: usize,
+    pub rev_nat: usize,
+    pub source_ranges: usize,
     pub affinity_match: usize,
 }
 
-impl Capacity {
-    /// The sizes the eBPF object declares.
-    pub const PINNED: Capacity = Capacity {
-        services: map_sizes::SERVICES as usize,
-        backends: map_sizes::BACKENDS as usize,
-        affinity_match: map_sizes::AFFINITY_MATCH as usize,
-    };
-}
-
-/// The writable state of the datapath: frontends with their slots,
-/// backends, and the affinity match set. The reconciler is its only writer.
+/// The writable state of the datapath: frontends (per scope) with their
+/// slots, backends, rev-NAT entries, source ranges and the affinity match
+/// set. The reconciler is its only writer.
 pub trait Datapath {
     fn capacity(&self) -> Capacity;
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError>;
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DatapathError>;
+    fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>, DatapathError>;
+    fn source_ranges(&self) -> Result<Vec<SourceRangeEntry>, DatapathError>;
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, DatapathError>;
     fn put_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError>;
     fn delete_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError>;
     fn put_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError>;
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError>;
+    fn put_rev_nat(&mut self, id: u32, rev_nat: RevNat) -> Result<(), DatapathError>;
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), DatapathError>;
+    fn put_source_range(&mut self, range: SourceRangeEntry) -> Result<(), DatapathError>;
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> Result<(), DatapathError>;
     fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError>;
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DatapathError>;
 }
@@ -75,7 +81,10 @@ pub fn open_pinned(bpffs: &Path, map: &'static str) -> Result<MapData, DatapathE
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, Backend>,
+    rev_nat: HashMap<MapData, u32, RevNat>,
+    source_ranges: LpmTrie<MapData, SourceRange, u8>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    capacity: Capacity,
 }
 
 impl PinnedMaps {
@@ -84,21 +93,46 @@ impl PinnedMaps {
         Self::open_in(&bpffs.join(MAPS_DIR))
     }
 
-    /// The maps pinned in `dir` (during a migration: the new maps).
+    /// The maps pinned in `dir` (during a migration: the new maps), each
+    /// with its size as the kernel has it.
     pub fn open_in(dir: &Path) -> Result<Self, DatapathError> {
+        let (services, services_max) = open_sized(dir, map_names::SERVICES)?;
+        let (backends, backends_max) = open_sized(dir, map_names::BACKENDS)?;
+        let (rev_nat, rev_nat_max) = open_sized(dir, map_names::REV_NAT)?;
+        let (source_ranges, source_ranges_max) = open_sized(dir, map_names::SOURCE_RANGES)?;
+        let (affinity_match, affinity_match_max) = open_sized(dir, map_names::AFFINITY_MATCH)?;
         Ok(Self {
-            services: open_hash(dir, map_names::SERVICES)?,
-            backends: open_hash(dir, map_names::BACKENDS)?,
-            affinity_match: open_hash(dir, map_names::AFFINITY_MATCH)?,
+            services: as_hash(services, map_names::SERVICES)?,
+            backends: as_hash(backends, map_names::BACKENDS)?,
+            rev_nat: as_hash(rev_nat, map_names::REV_NAT)?,
+            source_ranges: LpmTrie::try_from(Map::LpmTrie(source_ranges))
+                .map_err(map_err(map_names::SOURCE_RANGES, "open as LPM trie"))?,
+            affinity_match: as_hash(affinity_match, map_names::AFFINITY_MATCH)?,
+            capacity: Capacity {
+                services: services_max,
+                backends: backends_max,
+                rev_nat: rev_nat_max,
+                source_ranges: source_ranges_max,
+                affinity_match: affinity_match_max,
+            },
         })
     }
 }
 
-fn open_hash<K: aya::Pod, V: aya::Pod>(
-    dir: &Path,
+/// A map pinned in `dir` and its `max_entries`.
+fn open_sized(dir: &Path, map: &'static str) -> Result<(MapData, usize), DatapathError> {
+    let data = MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))?;
+    let max_entries = data
+        .info()
+        .map_err(map_err(map, "read info"))?
+        .max_entries();
+    Ok((data, max_entries as usize))
+}
+
+fn as_hash<K: aya::Pod, V: aya::Pod>(
+    data: MapData,
     map: &'static str,
 ) -> Result<HashMap<MapData, K, V>, DatapathError> {
-    let data = MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))?;
     HashMap::try_from(Map::HashMap(data)).map_err(map_err(map, "open as hash"))
 }
 
@@ -124,7 +158,7 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 
 impl Datapath for PinnedMaps {
     fn capacity(&self) -> Capacity {
-        Capacity::PINNED
+        self.capacity
     }
 
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError> {
@@ -133,6 +167,19 @@ impl Datapath for PinnedMaps {
 
     fn backends(&self) -> Result<Vec<(u32, Backend)>, DatapathError> {
         entries(&self.backends, map_names::BACKENDS)
+    }
+
+    fn rev_nats(&self) -> Result<Vec<(u32, RevNat)>, DatapathError> {
+        entries(&self.rev_nat, map_names::REV_NAT)
+    }
+
+    fn source_ranges(&self) -> Result<Vec<SourceRangeEntry>, DatapathError> {
+        let keys = self
+            .source_ranges
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::SOURCE_RANGES, "iterate"))?;
+        Ok(keys.iter().filter_map(codec::source_range_entry).collect())
     }
 
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, DatapathError> {
@@ -160,6 +207,27 @@ impl Datapath for PinnedMaps {
 
     fn delete_backend(&mut self, id: u32) -> Result<(), DatapathError> {
         ignore_missing(self.backends.remove(&id)).map_err(map_err(map_names::BACKENDS, "delete"))
+    }
+
+    fn put_rev_nat(&mut self, id: u32, rev_nat: RevNat) -> Result<(), DatapathError> {
+        self.rev_nat
+            .insert(id, rev_nat, 0)
+            .map_err(map_err(map_names::REV_NAT, "insert"))
+    }
+
+    fn delete_rev_nat(&mut self, id: u32) -> Result<(), DatapathError> {
+        ignore_missing(self.rev_nat.remove(&id)).map_err(map_err(map_names::REV_NAT, "delete"))
+    }
+
+    fn put_source_range(&mut self, range: SourceRangeEntry) -> Result<(), DatapathError> {
+        self.source_ranges
+            .insert(&codec::source_range_key(&range), 1, 0)
+            .map_err(map_err(map_names::SOURCE_RANGES, "insert"))
+    }
+
+    fn delete_source_range(&mut self, range: &SourceRangeEntry) -> Result<(), DatapathError> {
+        ignore_missing(self.source_ranges.remove(&codec::source_range_key(range)))
+            .map_err(map_err(map_names::SOURCE_RANGES, "delete"))
     }
 
     fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError> {

@@ -96,6 +96,9 @@ pub struct ServicePortPlan {
     pub frontends: Vec<FrontendPlan>,
     /// ClientIP affinity timeout in seconds (rule 23).
     pub affinity_timeout: Option<u32>,
+    /// The port's endpoints on this node (rule 6), whatever their
+    /// conditions: external flows to them need no source NAT (rule 17).
+    pub local_backends: BTreeSet<BackendAddr>,
 }
 
 /// Rule 32: a `healthCheckNodePort` this node answers.
@@ -245,6 +248,11 @@ fn port_plan(
     ServicePortPlan {
         frontends,
         affinity_timeout: service.affinity_timeout,
+        local_backends: endpoints
+            .iter()
+            .filter(|(_, e)| is_local(e, node.name))
+            .map(|(backend, _)| *backend)
+            .collect(),
     }
 }
 
@@ -737,6 +745,7 @@ mod tests {
                         reject(backends(&[("10.244.1.5", 8080), ("10.244.1.6", 8080)], Tcp)),
                     )],
                     affinity_timeout: Some(600),
+                    local_backends: BTreeSet::new(),
                 },
             )]),
             conflicts: vec![],
@@ -1187,6 +1196,7 @@ mod tests {
                         reject(vec![]),
                     )],
                     affinity_timeout: None,
+                    local_backends: BTreeSet::new(),
                 },
             ),
             (
@@ -1197,6 +1207,7 @@ mod tests {
                         reject(vec![]),
                     )],
                     affinity_timeout: None,
+                    local_backends: BTreeSet::new(),
                 },
             ),
         ]);
@@ -1407,6 +1418,83 @@ mod tests {
                 plan_of(&plan, ClusterIp).internal,
                 expected,
                 "{description}"
+            );
+        }
+    }
+
+    #[test]
+    fn rule_06_local_backends_are_the_endpoints_on_this_node() {
+        let plan = web_plan(
+            web(ServiceType::NodePort),
+            vec![
+                on_node(ready("10.0.0.1"), "node1"),
+                on_node(serving_terminating("10.0.0.2"), "node1"),
+                on_node(endpoint("10.0.0.3", false, false, false), "node1"),
+                on_node(ready("10.0.0.4"), "node2"),
+                ready("10.0.0.5"),
+            ],
+        );
+        let local: Vec<BackendAddr> = plan.local_backends.into_iter().collect();
+        assert_eq!(
+            local,
+            backends(
+                &[("10.0.0.1", 8080), ("10.0.0.2", 8080), ("10.0.0.3", 8080)],
+                Tcp
+            ),
+            "whatever their conditions; never another node's or an unplaced one"
+        );
+    }
+
+    #[test]
+    fn rule_06_node_without_a_name_has_no_local_backends() {
+        let mut snapshot = snapshot(
+            vec![web(ServiceType::NodePort)],
+            vec![slice(
+                "default",
+                "web-1",
+                "web",
+                &[("http", Tcp, 8080)],
+                vec![
+                    on_node(ready("10.0.0.1"), ""),
+                    on_node(ready("10.0.0.2"), "node1"),
+                ],
+            )],
+            None,
+        );
+        snapshot.node_name = String::new();
+        let state = desired_state(&snapshot);
+        assert!(
+            state.ports[&port_name("default", "web", "http", Tcp)]
+                .local_backends
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn rule_06_local_backends_carry_each_port_s_backend_port() {
+        let state = desired_state(&snapshot(
+            vec![service(
+                "default",
+                "web",
+                "10.96.0.10",
+                &[("http", Tcp, 80), ("metrics", Tcp, 9090)],
+            )],
+            vec![slice(
+                "default",
+                "web-1",
+                "web",
+                &[("http", Tcp, 8080), ("metrics", Tcp, 9091)],
+                vec![on_node(ready("10.0.0.1"), "node1")],
+            )],
+            None,
+        ));
+        for (port, backend_port) in [("http", 8080), ("metrics", 9091)] {
+            assert_eq!(
+                state.ports[&port_name("default", "web", port, Tcp)].local_backends,
+                backends(&[("10.0.0.1", backend_port)], Tcp)
+                    .into_iter()
+                    .collect::<BTreeSet<_>>(),
+                "{port}"
             );
         }
     }

@@ -1,13 +1,18 @@
-//! Stable small ids for backends and service ports.
+//! Stable small ids for backends, service ports and frontends (rev-NAT).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Hands out ids >= 1 (0 means "none" in the maps), keeps an item's id for
 /// as long as the item is wanted, and never hands out an id the maps still
-/// use for something else.
+/// use for something else. Fresh ids continue after the highest id the maps
+/// held at start: a rev-NAT id outlives its frontend in conntrack entries,
+/// so an id released just before a restart is not handed out again soon.
 #[derive(Debug)]
 pub struct IdAllocator<T: Ord + Clone> {
     by_item: BTreeMap<T, u32>,
+    /// The ids in `by_item`.
+    owned: BTreeSet<u32>,
+    /// `owned` plus ids the maps hold for items not known (yet).
     used: BTreeSet<u32>,
     next: u32,
 }
@@ -16,6 +21,7 @@ impl<T: Ord + Clone> Default for IdAllocator<T> {
     fn default() -> Self {
         Self {
             by_item: BTreeMap::new(),
+            owned: BTreeSet::new(),
             used: BTreeSet::new(),
             next: 1,
         }
@@ -24,15 +30,20 @@ impl<T: Ord + Clone> Default for IdAllocator<T> {
 
 impl<T: Ord + Clone> IdAllocator<T> {
     /// An id the maps hold for `item` (read back at start). The first id
-    /// seen for an item wins; a duplicate stays reserved until released.
+    /// seen for an item wins, and an id stays with the first item seen
+    /// with it; a duplicate stays reserved until released.
     pub fn restore(&mut self, item: T, id: u32) {
-        self.used.insert(id);
-        self.by_item.entry(item).or_insert(id);
+        self.reserve(id);
+        if !self.by_item.contains_key(&item) && !self.owned.contains(&id) {
+            self.by_item.insert(item, id);
+            self.owned.insert(id);
+        }
     }
 
     /// An id the maps hold whose item is not known yet.
     pub fn reserve(&mut self, id: u32) {
         self.used.insert(id);
+        self.next = self.next.max(id.saturating_add(1));
     }
 
     /// The id of `item`: its current one, else `preferred` when no other
@@ -41,12 +52,12 @@ impl<T: Ord + Clone> IdAllocator<T> {
         if let Some(id) = self.by_item.get(item) {
             return *id;
         }
-        let taken = |id: u32| self.by_item.values().any(|other| *other == id);
         let id = match preferred {
-            Some(id) if id != 0 && !taken(id) => id,
+            Some(id) if id != 0 && !self.owned.contains(&id) => id,
             _ => self.fresh(),
         };
         self.used.insert(id);
+        self.owned.insert(id);
         self.by_item.insert(item.clone(), id);
         id
     }
@@ -54,6 +65,7 @@ impl<T: Ord + Clone> IdAllocator<T> {
     /// Releases every id for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(u32) -> bool) {
         self.by_item.retain(|_, id| keep(*id));
+        self.owned.retain(|id| keep(*id));
         self.used.retain(|id| keep(*id));
     }
 
@@ -96,6 +108,31 @@ mod tests {
         ids.reserve(7);
         assert_eq!(ids.id_for(&"a", Some(7)), 7);
         assert_ne!(ids.id_for(&"b", Some(7)), 7);
+    }
+
+    #[test]
+    fn an_id_restored_for_two_items_stays_with_the_first() {
+        let mut ids = IdAllocator::default();
+        ids.restore("a", 4);
+        ids.restore("b", 4);
+        assert_eq!(ids.id_for(&"a", None), 4);
+        let b = ids.id_for(&"b", None);
+        assert_ne!(b, 4, "one id, one item");
+        assert_ne!(b, 0);
+    }
+
+    #[test]
+    fn fresh_ids_continue_after_the_highest_restored_one() {
+        let mut ids = IdAllocator::default();
+        ids.restore("kept", 3);
+        ids.reserve(9);
+        assert_eq!(
+            ids.id_for(&"new", None),
+            10,
+            "1, 2 and 4-8 may have been released just before"
+        );
+        ids.reserve(u32::MAX);
+        assert_ne!(ids.id_for(&"wraps", None), 0);
     }
 
     #[test]

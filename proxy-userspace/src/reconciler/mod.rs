@@ -3,19 +3,25 @@
 //! half-written service:
 //!
 //! 1. backends that are new,
-//! 2. affinity-match pairs that are new,
-//! 3. per frontend: changed slots, then the master entry (its count), then
-//!    slots beyond the new count,
-//! 4. the ClusterIP wildcard entries of rule 9 (port 0, no slots),
-//! 5. frontends and wildcards that are gone (master first, then slots),
-//! 6. affinity-match pairs and backends nothing refers to any more.
+//! 2. rev-NAT entries and source ranges that are new,
+//! 3. affinity-match pairs that are new,
+//! 4. per frontend and scope: changed slots, then the master entry (its
+//!    count), then slots beyond the new count,
+//! 5. the ClusterIP wildcard entries of rule 9 (port 0, no slots),
+//! 6. masters that are gone (master first, then slots), and slots beyond
+//!    their master's count (left by a crash between the two),
+//! 7. source ranges and rev-NAT entries no master uses any more,
+//! 8. affinity-match pairs and backends nothing refers to any more.
 //!
-//! Each frontend is programmed with its `internal` selection: the socket
-//! level serves the clients on this node.
+//! A frontend has up to two masters, both carrying its rev-NAT id: the
+//! internal scope, from its `internal` selection, for clients on this node
+//! (socket level), and the external scope, from its `external` selection,
+//! for packets from outside the node (tc).
 //!
 //! It starts from what the pinned maps already hold, so a restarted agent
-//! keeps every id (backend ids, service-port ids) and rewrites nothing that
-//! is already right: running traffic does not notice the restart.
+//! keeps every id (backend, service-port and rev-NAT ids) and rewrites
+//! nothing that is already right: running traffic does not notice the
+//! restart.
 
 mod ids;
 
@@ -24,12 +30,14 @@ use std::{
     net::Ipv4Addr,
 };
 
-use proxy_common::{AffinityMatchKey, Backend, ServiceKey, ServiceValue, map_names, service_flags};
+use proxy_common::{
+    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names, scope, service_flags,
+};
 
 use crate::{
-    maps::{Datapath, DatapathError, codec},
+    maps::{Capacity, Datapath, DatapathError, codec, codec::SourceRangeEntry},
     model::{
-        BackendAddr, DesiredState, FrontendPlan, Protocol, Selection, ServicePortName,
+        BackendAddr, DesiredState, Frontend, FrontendPlan, Protocol, Selection, ServicePortName,
         ServicePortPlan, WhenEmpty,
     },
 };
@@ -38,12 +46,19 @@ use ids::IdAllocator;
 /// What a sync changed, for logs and metrics.
 #[derive(Debug, Default)]
 pub struct SyncReport {
+    /// Frontends one of whose masters was written.
     pub frontends_written: usize,
+    /// Masters deleted (a frontend has one per scope).
     pub frontends_deleted: usize,
     pub backends_added: usize,
     pub backends_deleted: usize,
+    pub rev_nats_written: usize,
+    pub rev_nats_deleted: usize,
+    pub source_ranges_written: usize,
+    pub source_ranges_deleted: usize,
     /// Rule 9 wildcard entries (one per ClusterIP and protocol).
     pub wildcards_written: usize,
+    /// Wildcards gone, or given up to make room for a service port.
     pub wildcards_deleted: usize,
     /// Service ports whose update failed; they keep what they had and are
     /// retried on the next sync.
@@ -53,11 +68,12 @@ pub struct SyncReport {
     pub failed_wildcards: Vec<(Ipv4Addr, DatapathError)>,
     /// Deletes that failed; retried on the next sync.
     pub failed_deletes: Vec<DatapathError>,
-    /// Service ports too large for the room left in the maps: nothing of
-    /// them was written (what they had stays). Not retried until the next
-    /// change: retrying cannot make room.
+    /// Service ports too large for the room left in the maps, also after
+    /// this sync's deletes: nothing of them was written (what they had
+    /// stays). Not retried until the next change: retrying cannot make room.
     pub over_capacity: Vec<(ServicePortName, OverCapacity)>,
-    /// Rule 9 entries skipped because the services map is full.
+    /// Rule 9 entries not programmed because the services map is full:
+    /// service ports come first.
     pub wildcards_over_capacity: usize,
 }
 
@@ -82,13 +98,102 @@ impl SyncReport {
         self.is_complete()
             && self.over_capacity.is_empty()
             && self.wildcards_over_capacity == 0
-            && self.frontends_written == 0
-            && self.frontends_deleted == 0
-            && self.backends_added == 0
-            && self.backends_deleted == 0
-            && self.wildcards_written == 0
-            && self.wildcards_deleted == 0
+            && self.writes() == 0
     }
+
+    fn writes(&self) -> usize {
+        self.frontends_written
+            + self.frontends_deleted
+            + self.backends_added
+            + self.backends_deleted
+            + self.rev_nats_written
+            + self.rev_nats_deleted
+            + self.source_ranges_written
+            + self.source_ranges_deleted
+            + self.wildcards_written
+            + self.wildcards_deleted
+    }
+
+    /// This report followed by `next`, a later pass of the same sync:
+    /// counts add up, what is still refused or failing is `next`'s.
+    fn then(self, next: SyncReport) -> SyncReport {
+        SyncReport {
+            frontends_written: self.frontends_written + next.frontends_written,
+            frontends_deleted: self.frontends_deleted + next.frontends_deleted,
+            backends_added: self.backends_added + next.backends_added,
+            backends_deleted: self.backends_deleted + next.backends_deleted,
+            rev_nats_written: self.rev_nats_written + next.rev_nats_written,
+            rev_nats_deleted: self.rev_nats_deleted + next.rev_nats_deleted,
+            source_ranges_written: self.source_ranges_written + next.source_ranges_written,
+            source_ranges_deleted: self.source_ranges_deleted + next.source_ranges_deleted,
+            wildcards_written: self.wildcards_written + next.wildcards_written,
+            wildcards_deleted: self.wildcards_deleted + next.wildcards_deleted,
+            ..next
+        }
+    }
+}
+
+/// Whether the socket level programs a frontend (its internal scope). A
+/// LoadBalancer IP with source ranges is left alone: at `connect()` the
+/// socket has no source address yet, so the ranges cannot be checked, and
+/// translating would let every pod through (rule 15). Its traffic goes to
+/// the balancer, which enforces them.
+fn is_socket_frontend(frontend_plan: &FrontendPlan) -> bool {
+    frontend_plan.source_ranges.is_empty()
+}
+
+/// One master entry a service port programs: a frontend in one scope.
+struct MasterPlan<'a> {
+    frontend_plan: &'a FrontendPlan,
+    scope: u8,
+    selection: &'a Selection,
+}
+
+impl MasterPlan<'_> {
+    fn frontend(&self) -> &Frontend {
+        &self.frontend_plan.frontend
+    }
+
+    fn key(&self) -> ServiceKey {
+        codec::service_key(self.frontend(), self.scope, 0)
+    }
+
+    /// Rule 15: only packets from outside are checked against the ranges
+    /// (a frontend with ranges has no internal master).
+    fn source_ranges(&self) -> &[ipnet::Ipv4Net] {
+        match self.scope {
+            scope::EXTERNAL => &self.frontend_plan.source_ranges,
+            _ => &[],
+        }
+    }
+}
+
+/// The masters of a plan, per frontend in order: the internal scope of
+/// every socket-level frontend, the external scope of every frontend
+/// reachable from outside (NodePorts, externalIPs and LoadBalancer IPs,
+/// with source ranges or not).
+fn masters(plan: &ServicePortPlan) -> Vec<MasterPlan<'_>> {
+    plan.frontends
+        .iter()
+        .flat_map(|frontend_plan| {
+            let internal = is_socket_frontend(frontend_plan).then_some(MasterPlan {
+                frontend_plan,
+                scope: scope::INTERNAL,
+                selection: &frontend_plan.internal,
+            });
+            let external = frontend_plan.external.as_ref().map(|selection| MasterPlan {
+                frontend_plan,
+                scope: scope::EXTERNAL,
+                selection,
+            });
+            internal.into_iter().chain(external)
+        })
+        .collect()
+}
+
+/// A backend as the port's slots refer to it: local or not (rule 6).
+fn port_backend(plan: &ServicePortPlan, backend: &BackendAddr) -> Backend {
+    codec::backend(backend, plan.local_backends.contains(backend))
 }
 
 /// Entries one service port wants, with ids resolved.
@@ -96,29 +201,14 @@ struct PortEntries<'a> {
     name: &'a ServicePortName,
     plan: &'a ServicePortPlan,
     svc_id: u32,
-    /// The frontends the socket level programs ([`socket_frontends`]).
-    frontends: Vec<&'a FrontendPlan>,
-    /// Every backend one of `frontends` selects, with its id.
+    masters: Vec<MasterPlan<'a>>,
+    /// Every backend one of `masters` selects, with its id.
     backend_ids: BTreeMap<BackendAddr, u32>,
-}
-
-/// The frontends of a plan the socket level programs. A LoadBalancer IP
-/// with source ranges is left alone: at `connect()` the socket has no
-/// source address yet, so the ranges cannot be checked, and translating
-/// would let every pod through (rule 15). Its traffic goes to the balancer,
-/// which enforces them.
-fn socket_frontends(plan: &ServicePortPlan) -> Vec<&FrontendPlan> {
-    plan.frontends
-        .iter()
-        .filter(|frontend_plan| frontend_plan.source_ranges.is_empty())
-        .collect()
+    /// The rev-NAT id of every frontend of `masters`.
+    rev_nat_ids: BTreeMap<Frontend, u32>,
 }
 
 impl PortEntries<'_> {
-    fn programmed(&self) -> impl Iterator<Item = &FrontendPlan> {
-        self.frontends.iter().copied()
-    }
-
     /// The backend ids of a selection, in slot order.
     fn slots(&self, selection: &Selection) -> Vec<u32> {
         selection
@@ -128,15 +218,18 @@ impl PortEntries<'_> {
             .collect()
     }
 
-    /// The distinct backend sets the port's frontends select, in frontend
-    /// order; a frontend's selection is its set's index. Frontends share
-    /// affinity exactly when they share a set (rules 19, 23).
+    /// The distinct backend sets the port's masters select, internal
+    /// scopes first (in frontend order), then external ones; a master's
+    /// selection is its set's index. Masters share affinity exactly when
+    /// they share a set (rules 19, 23), whatever their scope.
     fn selections(&self) -> Vec<&[BackendAddr]> {
         let mut selections: Vec<&[BackendAddr]> = Vec::new();
-        for frontend in self.programmed() {
-            let backends = frontend.internal.backends.as_slice();
-            if !selections.contains(&backends) {
-                selections.push(backends);
+        for wanted_scope in [scope::INTERNAL, scope::EXTERNAL] {
+            for master in self.masters.iter().filter(|m| m.scope == wanted_scope) {
+                let backends = master.selection.backends.as_slice();
+                if !selections.contains(&backends) {
+                    selections.push(backends);
+                }
             }
         }
         selections
@@ -151,7 +244,7 @@ impl PortEntries<'_> {
         u8::try_from(index).unwrap_or(u8::MAX)
     }
 
-    /// Rule 23: every (backend, selection) the port's frontends select.
+    /// Rule 23: every (backend, selection) the port's masters select.
     fn affinity_pairs(&self) -> Vec<AffinityMatchKey> {
         if self.plan.affinity_timeout.is_none() {
             return Vec::new();
@@ -167,6 +260,56 @@ impl PortEntries<'_> {
         }
         pairs
     }
+
+    fn rev_nat_id(&self, frontend: &Frontend) -> u32 {
+        self.rev_nat_ids[frontend]
+    }
+
+    /// The rev-NAT entry of every frontend the port programs.
+    fn rev_nats(&self) -> impl Iterator<Item = (u32, RevNat)> + '_ {
+        self.rev_nat_ids
+            .iter()
+            .map(|(frontend, id)| (*id, codec::rev_nat(frontend)))
+    }
+
+    /// Rule 15: the source ranges of the port's external masters.
+    fn source_ranges(&self) -> impl Iterator<Item = SourceRangeEntry> + '_ {
+        self.masters.iter().flat_map(|master| {
+            let rev_nat_id = self.rev_nat_id(master.frontend());
+            master
+                .source_ranges()
+                .iter()
+                .map(move |cidr| SourceRangeEntry::new(rev_nat_id, *cidr))
+        })
+    }
+
+    fn master_value(&self, master: &MasterPlan<'_>, count: u16) -> ServiceValue {
+        let mut flags = match master.selection.when_empty {
+            WhenEmpty::Drop => service_flags::DROP_WHEN_EMPTY,
+            WhenEmpty::Reject => 0,
+        };
+        if !master.source_ranges().is_empty() {
+            flags |= service_flags::SOURCE_RANGES;
+        }
+        ServiceValue {
+            count,
+            flags,
+            selection: self.selection_of(master.selection),
+            svc_id: self.svc_id,
+            affinity_timeout: self.plan.affinity_timeout.unwrap_or(0),
+            rev_nat_id: self.rev_nat_id(master.frontend()),
+            ..ServiceValue::slot(0)
+        }
+    }
+}
+
+/// New entries a service port adds to each map.
+struct Needs {
+    backends: usize,
+    services: usize,
+    rev_nat: usize,
+    source_ranges: usize,
+    affinity_match: usize,
 }
 
 pub struct Reconciler<D: Datapath> {
@@ -174,9 +317,12 @@ pub struct Reconciler<D: Datapath> {
     /// Mirror of the maps: what was read at start plus every write since.
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, Backend>,
+    rev_nat: BTreeMap<u32, RevNat>,
+    source_ranges: BTreeSet<SourceRangeEntry>,
     affinity_match: BTreeSet<AffinityMatchKey>,
     backend_ids: IdAllocator<Backend>,
     svc_ids: IdAllocator<ServicePortName>,
+    rev_nat_ids: IdAllocator<Frontend>,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -184,27 +330,46 @@ impl<D: Datapath> Reconciler<D> {
     pub fn new(datapath: D) -> Result<Self, DatapathError> {
         let services: BTreeMap<_, _> = datapath.services()?.into_iter().collect();
         let backends: BTreeMap<_, _> = datapath.backends()?.into_iter().collect();
+        let rev_nat: BTreeMap<_, _> = datapath.rev_nats()?.into_iter().collect();
+        let source_ranges: BTreeSet<_> = datapath.source_ranges()?.into_iter().collect();
         let affinity_match = datapath.affinity_matches()?.into_iter().collect();
         let mut backend_ids = IdAllocator::default();
         for (id, backend) in &backends {
             backend_ids.restore(*backend, *id);
         }
         let mut svc_ids = IdAllocator::default();
-        // svc_id 0 is "none": the rule 9 wildcards carry it.
-        for value in services
-            .iter()
-            .filter(|(key, value)| key.slot == 0 && value.svc_id != 0)
-            .map(|(_, v)| v)
+        let mut rev_nat_ids = IdAllocator::default();
+        // Id 0 is "none": the rule 9 wildcards carry it.
+        for (key, master) in services.iter().filter(|(key, _)| key.slot == 0) {
+            if master.svc_id != 0 {
+                svc_ids.reserve(master.svc_id);
+            }
+            if master.rev_nat_id != 0 {
+                match codec::frontend(key) {
+                    Some(frontend) => rev_nat_ids.restore(frontend, master.rev_nat_id),
+                    None => rev_nat_ids.reserve(master.rev_nat_id),
+                }
+            }
+        }
+        // Ids of entries no master names are not handed out before the
+        // delete phase removes the entries.
+        for id in rev_nat
+            .keys()
+            .copied()
+            .chain(source_ranges.iter().map(|range| range.rev_nat_id))
         {
-            svc_ids.reserve(value.svc_id);
+            rev_nat_ids.reserve(id);
         }
         Ok(Self {
             datapath,
             services,
             backends,
+            rev_nat,
+            source_ranges,
             affinity_match,
             backend_ids,
             svc_ids,
+            rev_nat_ids,
         })
     }
 
@@ -212,123 +377,196 @@ impl<D: Datapath> Reconciler<D> {
         &self.datapath
     }
 
-    /// Number of frontends (master entries, not wildcards) the maps hold.
+    /// Number of frontends (with a master in either scope; wildcards are
+    /// not frontends) the maps hold.
     pub fn frontend_count(&self) -> usize {
         self.services
             .keys()
             .filter(|key| key.slot == 0 && !codec::is_cluster_ip_wildcard(key))
-            .count()
+            .map(|key| (key.addr, key.port, key.proto))
+            .collect::<BTreeSet<_>>()
+            .len()
     }
 
     /// Makes the maps equal to `desired`.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
+        let report = self.sync_pass(desired);
+        // Deletes run last, so a port refused for room may fit once this
+        // sync's deletes are done; it must not wait for the next change.
+        if report.over_capacity.is_empty() || !self.any_refused_port_fits(desired, &report) {
+            return report;
+        }
+        let next = self.sync_pass(desired);
+        report.then(next)
+    }
+
+    fn any_refused_port_fits(&mut self, desired: &DesiredState, report: &SyncReport) -> bool {
+        let refused: BTreeSet<&ServicePortName> =
+            report.over_capacity.iter().map(|(name, _)| name).collect();
+        let evictable = self.held_wildcards().len();
+        self.resolve_ids(desired)
+            .iter()
+            .filter(|port| refused.contains(port.name))
+            .any(|port| self.fits(port, evictable).is_ok())
+    }
+
+    fn sync_pass(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
         let entries = self.resolve_ids(desired);
-
+        let mut keep = Wanted::of(&entries, cluster_ip_wildcards(desired));
+        // Rule 9 is the first to give way when service ports need room,
+        // wildcards no longer wanted before the others.
+        let mut evictable = self.held_wildcards();
+        evictable.sort_by_key(|key| (!keep.wildcards.contains(key), *key));
         for port in &entries {
-            if let Err(over) = self.fits(port) {
-                report.over_capacity.push((port.name.clone(), over));
-            } else if let Err(err) = self.write_port(port, &mut report) {
-                report.failed.push((port.name.clone(), err));
+            match self.fits(port, evictable.len()) {
+                Err(over) => report.over_capacity.push((port.name.clone(), over)),
+                Ok(needs) => match self.write_port(port, &needs, &mut evictable, &mut report) {
+                    Ok(()) => keep.settled(port),
+                    Err(err) => report.failed.push((port.name.clone(), err)),
+                },
             }
         }
-        let wildcards = cluster_ip_wildcards(desired);
-        for key in &wildcards {
+        for key in &keep.wildcards {
             self.write_wildcard(*key, &mut report);
         }
-        let keep = Wanted::of(&entries, wildcards);
         self.delete_unwanted(&keep, &mut report);
         self.backend_ids
             .retain(|id| self.backends.contains_key(&id));
         self.svc_ids.retain(|id| keep.svc_ids.contains(&id));
+        let held_rev_nat_ids = self.held_rev_nat_ids();
+        self.rev_nat_ids
+            .retain(|id| keep.rev_nat_ids.contains(&id) || held_rev_nat_ids.contains(&id));
         report
     }
 
-    /// Service-port ids: a port keeps the id its frontends already carry in
-    /// the maps (restart), otherwise gets a fresh one.
+    /// Ids a port's frontends use: service-port ids stay what their masters
+    /// carry (restart), the others are fresh.
     fn resolve_ids<'a>(&mut self, desired: &'a DesiredState) -> Vec<PortEntries<'a>> {
         desired
             .ports
             .iter()
             .map(|(name, plan)| {
-                let frontends = socket_frontends(plan);
-                let existing = frontends.iter().find_map(|frontend_plan| {
-                    let master_key = codec::service_key(&frontend_plan.frontend, 0);
-                    Some(self.services.get(&master_key)?.svc_id)
-                });
-                let svc_id = self.svc_ids.id_for(name, existing);
-                let backend_ids = frontends
+                let masters = masters(plan);
+                let existing = masters
                     .iter()
-                    .flat_map(|frontend_plan| &frontend_plan.internal.backends)
+                    .find_map(|master| Some(self.services.get(&master.key())?.svc_id));
+                let svc_id = self.svc_ids.id_for(name, existing);
+                let backend_ids = masters
+                    .iter()
+                    .flat_map(|master| &master.selection.backends)
                     .map(|backend| {
-                        let id = self.backend_ids.id_for(&codec::backend(backend), None);
+                        let id = self.backend_ids.id_for(&port_backend(plan, backend), None);
                         (*backend, id)
+                    })
+                    .collect();
+                let rev_nat_ids = masters
+                    .iter()
+                    .map(|master| {
+                        let frontend = *master.frontend();
+                        (frontend, self.rev_nat_ids.id_for(&frontend, None))
                     })
                     .collect();
                 PortEntries {
                     name,
                     plan,
                     svc_id,
-                    frontends,
+                    masters,
                     backend_ids,
+                    rev_nat_ids,
                 }
             })
             .collect()
     }
 
-    /// Whether everything `port` adds fits next to what the maps hold,
-    /// checked before its first write: a port too large for the maps is
-    /// refused whole and cannot crowd out the others.
-    fn fits(&self, port: &PortEntries<'_>) -> Result<(), OverCapacity> {
-        let capacity = self.datapath.capacity();
-        let new_backends = port
-            .backend_ids
-            .values()
-            .filter(|id| !self.backends.contains_key(id))
-            .count();
-        let mut new_services = 0;
-        for frontend_plan in port.programmed() {
-            let backends = frontend_plan.internal.backends.len();
-            if backends > usize::from(u16::MAX) {
+    /// Rule 9 entries the maps hold.
+    fn held_wildcards(&self) -> Vec<ServiceKey> {
+        self.services
+            .keys()
+            .filter(|key| codec::is_cluster_ip_wildcard(key))
+            .copied()
+            .collect()
+    }
+
+    /// What `port` adds to each map, if that fits next to what the maps
+    /// hold (with `evictable` rule 9 entries given up), checked before its
+    /// first write: a port too large for the maps is refused whole and
+    /// cannot crowd out the others.
+    fn fits(&self, port: &PortEntries<'_>, evictable: usize) -> Result<Needs, OverCapacity> {
+        let mut services = 0;
+        for master in &port.masters {
+            let backends = master.selection.backends.len();
+            let Ok(count) = u16::try_from(backends) else {
                 return Err(OverCapacity {
                     map: map_names::SERVICES,
                     needed: backends,
                     free: usize::from(u16::MAX),
                 });
-            }
-            let master = codec::service_key(&frontend_plan.frontend, 0);
-            new_services += (0..=backends as u16)
-                .filter(|slot| {
-                    !self.services.contains_key(&ServiceKey {
-                        slot: *slot,
-                        ..master
-                    })
-                })
+            };
+            let key = master.key();
+            services += (0..=count)
+                .filter(|slot| !self.services.contains_key(&key.with_slot(*slot)))
                 .count();
         }
-        let new_pairs = port
-            .affinity_pairs()
-            .iter()
-            .filter(|pair| !self.affinity_match.contains(pair))
-            .count();
+        let needs = Needs {
+            backends: port
+                .backend_ids
+                .values()
+                .filter(|id| !self.backends.contains_key(id))
+                .count(),
+            services,
+            rev_nat: port
+                .rev_nat_ids
+                .values()
+                .filter(|id| !self.rev_nat.contains_key(id))
+                .count(),
+            source_ranges: port
+                .source_ranges()
+                .filter(|range| !self.source_ranges.contains(range))
+                .count(),
+            affinity_match: port
+                .affinity_pairs()
+                .iter()
+                .filter(|pair| !self.affinity_match.contains(pair))
+                .count(),
+        };
+        let Capacity {
+            services: services_max,
+            backends: backends_max,
+            rev_nat: rev_nat_max,
+            source_ranges: source_ranges_max,
+            affinity_match: affinity_match_max,
+        } = self.datapath.capacity();
         for (map, needed, held, max) in [
             (
                 map_names::BACKENDS,
-                new_backends,
+                needs.backends,
                 self.backends.len(),
-                capacity.backends,
+                backends_max,
             ),
             (
                 map_names::SERVICES,
-                new_services,
-                self.services.len(),
-                capacity.services,
+                needs.services,
+                self.services.len().saturating_sub(evictable),
+                services_max,
+            ),
+            (
+                map_names::REV_NAT,
+                needs.rev_nat,
+                self.rev_nat.len(),
+                rev_nat_max,
+            ),
+            (
+                map_names::SOURCE_RANGES,
+                needs.source_ranges,
+                self.source_ranges.len(),
+                source_ranges_max,
             ),
             (
                 map_names::AFFINITY_MATCH,
-                new_pairs,
+                needs.affinity_match,
                 self.affinity_match.len(),
-                capacity.affinity_match,
+                affinity_match_max,
             ),
         ] {
             let free = max.saturating_sub(held);
@@ -336,20 +574,44 @@ impl<D: Datapath> Reconciler<D> {
                 return Err(OverCapacity { map, needed, free });
             }
         }
-        Ok(())
+        Ok(needs)
     }
 
     fn write_port(
         &mut self,
         port: &PortEntries<'_>,
+        needs: &Needs,
+        evictable: &mut Vec<ServiceKey>,
         report: &mut SyncReport,
     ) -> Result<(), DatapathError> {
+        let capacity = self.datapath.capacity().services;
+        while self.services.len() + needs.services > capacity {
+            let Some(wildcard) = evictable.pop() else {
+                break;
+            };
+            self.delete_service(wildcard)?;
+            report.wildcards_deleted += 1;
+        }
         for (addr, id) in &port.backend_ids {
-            let backend = codec::backend(addr);
+            let backend = port_backend(port.plan, addr);
             if self.backends.get(id) != Some(&backend) {
                 self.datapath.put_backend(*id, backend)?;
                 self.backends.insert(*id, backend);
                 report.backends_added += 1;
+            }
+        }
+        for (id, rev_nat) in port.rev_nats() {
+            if self.rev_nat.get(&id) != Some(&rev_nat) {
+                self.datapath.put_rev_nat(id, rev_nat)?;
+                self.rev_nat.insert(id, rev_nat);
+                report.rev_nats_written += 1;
+            }
+        }
+        for range in port.source_ranges() {
+            if !self.source_ranges.contains(&range) {
+                self.datapath.put_source_range(range)?;
+                self.source_ranges.insert(range);
+                report.source_ranges_written += 1;
             }
         }
         for pair in port.affinity_pairs() {
@@ -358,43 +620,20 @@ impl<D: Datapath> Reconciler<D> {
                 self.affinity_match.insert(pair);
             }
         }
-        for frontend_plan in port.programmed() {
-            self.write_frontend(frontend_plan, port, report)?;
+        let mut written: BTreeSet<Frontend> = BTreeSet::new();
+        for master in &port.masters {
+            let slots = port.slots(master.selection);
+            let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
+            if self.write_master(master.key(), port.master_value(master, count), &slots)? {
+                written.insert(*master.frontend());
+            }
         }
+        report.frontends_written += written.len();
         Ok(())
     }
 
-    fn write_frontend(
-        &mut self,
-        frontend_plan: &FrontendPlan,
-        port: &PortEntries<'_>,
-        report: &mut SyncReport,
-    ) -> Result<(), DatapathError> {
-        let slots = port.slots(&frontend_plan.internal);
-        let count = u16::try_from(slots.len()).unwrap_or(u16::MAX);
-        let flags = match frontend_plan.internal.when_empty {
-            WhenEmpty::Drop => service_flags::DROP_WHEN_EMPTY,
-            WhenEmpty::Reject => 0,
-        };
-        let affinity = port.plan.affinity_timeout.unwrap_or(0);
-        let selection = port.selection_of(&frontend_plan.internal);
-        let master = ServiceValue {
-            count,
-            flags,
-            selection,
-            svc_id: port.svc_id,
-            affinity_timeout: affinity,
-            ..ServiceValue::slot(0)
-        };
-        let master_key = codec::service_key(&frontend_plan.frontend, 0);
-        if self.write_master(master_key, master, &slots)? {
-            report.frontends_written += 1;
-        }
-        Ok(())
-    }
-
-    /// Rule 9: no slots, no service-port id, count 0 (refuse). Skipped,
-    /// like a port, when the services map has no room left.
+    /// Rule 9: no slots, no service-port or rev-NAT id, count 0 (refuse).
+    /// Skipped, like a port, when the services map has no room left.
     fn write_wildcard(&mut self, key: ServiceKey, report: &mut SyncReport) {
         let full = self.services.len() >= self.datapath.capacity().services;
         if full && !self.services.contains_key(&key) {
@@ -421,15 +660,13 @@ impl<D: Datapath> Reconciler<D> {
     ) -> Result<bool, DatapathError> {
         let mut changed = false;
         for (slot, backend_id) in (1..=master.count).zip(slots) {
-            changed |= self.put_service(
-                ServiceKey { slot, ..master_key },
-                ServiceValue::slot(*backend_id),
-            )?;
+            changed |=
+                self.put_service(master_key.with_slot(slot), ServiceValue::slot(*backend_id))?;
         }
         let old_count = self.services.get(&master_key).map_or(0, |old| old.count);
         changed |= self.put_service(master_key, master)?;
         for slot in master.count.saturating_add(1)..=old_count {
-            self.delete_service(ServiceKey { slot, ..master_key })?;
+            self.delete_service(master_key.with_slot(slot))?;
             changed = true;
         }
         Ok(changed)
@@ -451,37 +688,65 @@ impl<D: Datapath> Reconciler<D> {
         Ok(())
     }
 
+    /// Rev-NAT ids the maps still use: named by a master, or holding an
+    /// entry or a source range.
+    fn held_rev_nat_ids(&self) -> BTreeSet<u32> {
+        self.master_rev_nat_ids()
+            .into_iter()
+            .chain(self.rev_nat.keys().copied())
+            .chain(self.source_ranges.iter().map(|range| range.rev_nat_id))
+            .collect()
+    }
+
+    fn master_rev_nat_ids(&self) -> BTreeSet<u32> {
+        self.services
+            .iter()
+            .filter(|(key, master)| key.slot == 0 && master.rev_nat_id != 0)
+            .map(|(_, master)| master.rev_nat_id)
+            .collect()
+    }
+
     fn delete_unwanted(&mut self, keep: &Wanted, report: &mut SyncReport) {
         let gone_masters: Vec<ServiceKey> = self
             .services
             .keys()
-            .filter(|key| key.slot == 0 && !keep.masters.contains(*key))
+            .filter(|key| {
+                key.slot == 0 && !keep.masters.contains(*key) && !keep.wildcards.contains(*key)
+            })
             .copied()
             .collect();
         for master in gone_masters {
             let count = self.services[&master].count;
             let deleted =
-                (0..=count).try_for_each(|slot| self.delete_service(ServiceKey { slot, ..master }));
+                (0..=count).try_for_each(|slot| self.delete_service(master.with_slot(slot)));
             match deleted {
                 Ok(()) if codec::is_cluster_ip_wildcard(&master) => report.wildcards_deleted += 1,
                 Ok(()) => report.frontends_deleted += 1,
                 Err(err) => report.failed_deletes.push(err),
             }
         }
-        // Slots whose master is gone (an interrupted delete before a restart).
-        let orphans: Vec<ServiceKey> = self
+        // Slots no master counts: its master is gone (an interrupted
+        // delete) or was shrunk before its tail was deleted (a crash in
+        // between), both before a restart.
+        let stray_slots: Vec<ServiceKey> = self
             .services
             .keys()
             .filter(|key| {
-                key.slot != 0 && !self.services.contains_key(&ServiceKey { slot: 0, ..**key })
+                key.slot != 0
+                    && self
+                        .services
+                        .get(&key.with_slot(0))
+                        .is_none_or(|master| key.slot > master.count)
             })
             .copied()
             .collect();
-        for key in orphans {
+        for key in stray_slots {
             if let Err(err) = self.delete_service(key) {
                 report.failed_deletes.push(err);
             }
         }
+        self.delete_unused_source_ranges(keep, report);
+        self.delete_unused_rev_nats(keep, report);
         let gone_pairs: Vec<AffinityMatchKey> = self
             .affinity_match
             .difference(&keep.affinity_match)
@@ -518,6 +783,54 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
     }
+
+    /// Rule 15: a range not wanted any more goes once no master checks it:
+    /// its frontend is gone, or was written with its new ranges. A master
+    /// left as it was (its port refused or failed, or its delete failed)
+    /// keeps the ranges it checks, so it never drops everyone.
+    fn delete_unused_source_ranges(&mut self, keep: &Wanted, report: &mut SyncReport) {
+        let checked = self.master_rev_nat_ids();
+        let gone: Vec<SourceRangeEntry> = self
+            .source_ranges
+            .iter()
+            .filter(|range| {
+                !keep.source_ranges.contains(range)
+                    && (keep.settled_rev_nat_ids.contains(&range.rev_nat_id)
+                        || !checked.contains(&range.rev_nat_id))
+            })
+            .copied()
+            .collect();
+        for range in gone {
+            match self.datapath.delete_source_range(&range) {
+                Ok(()) => {
+                    self.source_ranges.remove(&range);
+                    report.source_ranges_deleted += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+    }
+
+    /// A rev-NAT entry goes with the last master that names it; replies of
+    /// that frontend's tracked flows are no longer translated.
+    fn delete_unused_rev_nats(&mut self, keep: &Wanted, report: &mut SyncReport) {
+        let named = self.master_rev_nat_ids();
+        let gone: Vec<u32> = self
+            .rev_nat
+            .keys()
+            .filter(|id| !named.contains(id) && !keep.rev_nat_ids.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            match self.datapath.delete_rev_nat(id) {
+                Ok(()) => {
+                    self.rev_nat.remove(&id);
+                    report.rev_nats_deleted += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+    }
 }
 
 /// Rule 9: one wildcard per ClusterIP and protocol.
@@ -536,31 +849,47 @@ fn cluster_ip_wildcards(desired: &DesiredState) -> BTreeSet<ServiceKey> {
 /// update failed keeps its old slots, and through them its backends: the
 /// backend delete only removes ids no slot refers to.
 struct Wanted {
-    /// Frontend masters and wildcards.
+    /// Frontend masters, both scopes.
     masters: BTreeSet<ServiceKey>,
+    wildcards: BTreeSet<ServiceKey>,
+    rev_nat_ids: BTreeSet<u32>,
+    source_ranges: BTreeSet<SourceRangeEntry>,
     affinity_match: BTreeSet<AffinityMatchKey>,
     backend_ids: BTreeSet<u32>,
     svc_ids: BTreeSet<u32>,
+    /// Rev-NAT ids of frontends this sync wrote as desired.
+    settled_rev_nat_ids: BTreeSet<u32>,
 }
 
 impl Wanted {
     fn of(entries: &[PortEntries<'_>], wildcards: BTreeSet<ServiceKey>) -> Self {
         let mut wanted = Wanted {
-            masters: wildcards,
+            masters: BTreeSet::new(),
+            wildcards,
+            rev_nat_ids: BTreeSet::new(),
+            source_ranges: BTreeSet::new(),
             affinity_match: BTreeSet::new(),
             backend_ids: BTreeSet::new(),
             svc_ids: BTreeSet::new(),
+            settled_rev_nat_ids: BTreeSet::new(),
         };
         for port in entries {
             wanted.svc_ids.insert(port.svc_id);
-            wanted.masters.extend(
-                port.programmed()
-                    .map(|frontend_plan| codec::service_key(&frontend_plan.frontend, 0)),
-            );
+            wanted
+                .masters
+                .extend(port.masters.iter().map(MasterPlan::key));
+            wanted.rev_nat_ids.extend(port.rev_nat_ids.values());
+            wanted.source_ranges.extend(port.source_ranges());
             wanted.backend_ids.extend(port.backend_ids.values());
             wanted.affinity_match.extend(port.affinity_pairs());
         }
         wanted
+    }
+
+    /// `port` was written whole.
+    fn settled(&mut self, port: &PortEntries<'_>) {
+        self.settled_rev_nat_ids
+            .extend(port.rev_nat_ids.values().copied());
     }
 }
 

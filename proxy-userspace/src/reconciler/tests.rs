@@ -68,6 +68,7 @@ fn plan(frontend_last: u8, backends: &[u8], affinity: Option<u32>) -> ServicePor
             selection(backends, WhenEmpty::Reject),
         )],
         affinity_timeout: affinity,
+        local_backends: BTreeSet::new(),
     }
 }
 
@@ -95,7 +96,16 @@ fn backends_of(datapath: &MemoryDatapath, frontend_last: u8) -> Option<Vec<Backe
 }
 
 fn backends_at(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<BackendAddr>> {
-    let master_key = codec::service_key(frontend, 0);
+    backends_in(datapath, frontend, scope::INTERNAL)
+}
+
+/// The backends a frontend's master in `scope` selects, in slot order.
+fn backends_in(
+    datapath: &MemoryDatapath,
+    frontend: &Frontend,
+    scope: u8,
+) -> Option<Vec<BackendAddr>> {
+    let master_key = codec::service_key(frontend, scope, 0);
     let master = datapath.services.get(&master_key)?;
     Some(
         (1..=master.count)
@@ -107,37 +117,24 @@ fn backends_at(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<Bac
     )
 }
 
-/// Replays `writes` on a copy of `start` and checks the datapath is
-/// consistent after every single write: what a concurrent reader could see.
+/// Replays `writes` (a complete sync) on a copy of `start` and checks the
+/// datapath is consistent after every single write, what a concurrent
+/// reader could see, and settled after the last.
 fn assert_consistent_at_every_write(start: &MemoryDatapath, writes: &[Write]) {
-    let mut replay = MemoryDatapath {
-        services: start.services.clone(),
-        backends: start.backends.clone(),
-        affinity_match: start.affinity_match.clone(),
-        ..MemoryDatapath::default()
-    };
+    let mut replay = start.contents();
     for (index, write) in writes.iter().enumerate() {
-        match write {
-            Write::PutService(key, value) => replay.put_service(*key, *value).unwrap(),
-            Write::DeleteService(key) => replay.delete_service(key).unwrap(),
-            Write::PutBackend(id, value) => replay.put_backend(*id, *value).unwrap(),
-            Write::DeleteBackend(id) => replay.delete_backend(*id).unwrap(),
-            Write::PutAffinityMatch(key) => replay.put_affinity_match(*key).unwrap(),
-            Write::DeleteAffinityMatch(key) => replay.delete_affinity_match(key).unwrap(),
-        }
+        replay.apply(write).unwrap();
         if let Err(problem) = replay.check_consistent() {
             panic!("after write {index} ({write:?}): {problem}");
         }
     }
+    if let Err(problem) = replay.check_settled() {
+        panic!("after the last write: {problem}");
+    }
 }
 
 fn snapshot(datapath: &MemoryDatapath) -> MemoryDatapath {
-    MemoryDatapath {
-        services: datapath.services.clone(),
-        backends: datapath.backends.clone(),
-        affinity_match: datapath.affinity_match.clone(),
-        ..MemoryDatapath::default()
-    }
+    datapath.contents()
 }
 
 #[test]
@@ -280,7 +277,8 @@ fn deleted_service_loses_master_first_then_slots_and_backends() {
 fn rule_21_no_endpoints_programs_a_master_with_count_zero() {
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", plan(10, &[], None))]));
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.count, 0);
     assert_eq!(reconciler.datapath().services.len(), 1);
 }
@@ -308,7 +306,8 @@ fn shared_backend_stays_while_another_service_uses_it() {
 fn rule_23_affinity_match_follows_the_selected_set() {
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", plan(10, &[11, 12], Some(30)))]));
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.affinity_timeout, 30);
     assert_eq!(reconciler.datapath().affinity_match.len(), 2);
 
@@ -319,8 +318,9 @@ fn rule_23_affinity_match_follows_the_selected_set() {
         .iter()
         .copied()
         .collect();
-    let remaining_id =
-        reconciler.datapath().services[&codec::service_key(&frontend(10), 1)].backend_id;
+    let remaining_id = reconciler.datapath().services
+        [&codec::service_key(&frontend(10), scope::INTERNAL, 1)]
+        .backend_id;
     assert_eq!(
         pairs,
         vec![AffinityMatchKey {
@@ -332,7 +332,8 @@ fn rule_23_affinity_match_follows_the_selected_set() {
 
     reconciler.sync(&desired(&[("web", plan(10, &[12], None))]));
     assert!(reconciler.datapath().affinity_match.is_empty());
-    let master = reconciler.datapath().services[&codec::service_key(&frontend(10), 0)];
+    let master =
+        reconciler.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)];
     assert_eq!(master.affinity_timeout, 0);
 }
 
@@ -382,7 +383,7 @@ fn orphaned_slots_from_an_interrupted_delete_are_removed() {
     let mut interrupted = snapshot(reconciler.datapath());
     interrupted
         .services
-        .remove(&codec::service_key(&frontend(10), 0));
+        .remove(&codec::service_key(&frontend(10), scope::INTERNAL, 0));
 
     let mut restarted = Reconciler::new(interrupted).unwrap();
     restarted.sync(&DesiredState::default());
@@ -399,7 +400,7 @@ fn service_port_ids_survive_restart_for_affinity() {
     let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
     first.sync(&state);
     let svc_id_of = |datapath: &MemoryDatapath, last: u8| {
-        datapath.services[&codec::service_key(&frontend(last), 0)].svc_id
+        datapath.services[&codec::service_key(&frontend(last), scope::INTERNAL, 0)].svc_id
     };
     let ids_before = [
         svc_id_of(first.datapath(), 10),
@@ -430,10 +431,11 @@ fn rule_18_19_drop_flag_when_only_other_frontends_have_endpoints() {
             selection(&[], WhenEmpty::Drop),
         )],
         affinity_timeout: None,
+        local_backends: BTreeSet::new(),
     };
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", dropping)]));
-    let master_key = codec::service_key(&frontend(10), 0);
+    let master_key = codec::service_key(&frontend(10), scope::INTERNAL, 0);
     let master = reconciler.datapath().services[&master_key];
     assert_eq!(
         (master.count, master.flags),
@@ -507,11 +509,14 @@ fn rule_09_wildcards_survive_restart_and_hold_no_service_port_id() {
         .ports
         .insert(port_name("aaa"), plan(30, &[12], Some(60)));
     restarted.sync(&with_new);
-    let svc_id = restarted.datapath().services[&codec::service_key(&frontend(30), 0)].svc_id;
+    let svc_id = restarted.datapath().services
+        [&codec::service_key(&frontend(30), scope::INTERNAL, 0)]
+        .svc_id;
     assert_ne!(svc_id, 0);
     assert_ne!(
         svc_id,
-        restarted.datapath().services[&codec::service_key(&frontend(10), 0)].svc_id
+        restarted.datapath().services[&codec::service_key(&frontend(10), scope::INTERNAL, 0)]
+            .svc_id
     );
 }
 
@@ -558,6 +563,7 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
                 ),
             ],
             affinity_timeout: Some(60),
+            local_backends: BTreeSet::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
@@ -571,12 +577,13 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
     assert_eq!(datapath.backends.len(), 2, "one id per backend");
     let svc_ids: BTreeSet<u32> = [frontend(10), node_port_frontend(30080)]
         .iter()
-        .map(|f| datapath.services[&codec::service_key(f, 0)].svc_id)
+        .map(|f| datapath.services[&codec::service_key(f, scope::INTERNAL, 0)].svc_id)
         .collect();
     assert_eq!(svc_ids.len(), 1, "one service-port id for all frontends");
     // Rules 19, 23: the frontends select different sets, so their affinity
     // is kept apart: a NodePort choice never leaks into the ClusterIP.
-    let selection_of = |f: &Frontend| datapath.services[&codec::service_key(f, 0)].selection;
+    let selection_of =
+        |f: &Frontend| datapath.services[&codec::service_key(f, scope::INTERNAL, 0)].selection;
     assert_eq!(selection_of(&frontend(10)), 0);
     assert_eq!(selection_of(&node_port_frontend(30080)), 1);
     let id = |last: u8| {
@@ -607,6 +614,8 @@ fn port_too_large_for_the_maps_is_refused_whole_and_others_are_programmed() {
         capacity: Some(Capacity {
             services: 100,
             backends: 4,
+            rev_nat: 100,
+            source_ranges: 100,
             affinity_match: 100,
         }),
         ..MemoryDatapath::default()
@@ -687,6 +696,7 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
                 with_ranges.clone(),
             ],
             affinity_timeout: None,
+            local_backends: BTreeSet::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
@@ -720,6 +730,8 @@ fn rule_09_wildcards_that_do_not_fit_are_skipped_not_retried() {
         capacity: Some(Capacity {
             services: 2,
             backends: 10,
+            rev_nat: 10,
+            source_ranges: 10,
             affinity_match: 10,
         }),
         ..MemoryDatapath::default()
@@ -736,4 +748,639 @@ fn rule_09_wildcards_that_do_not_fit_are_skipped_not_retried() {
         backends_of(reconciler.datapath(), 10),
         Some(vec![backend(11)])
     );
+}
+
+fn lb_ip() -> Frontend {
+    Frontend {
+        addr: Ipv4Addr::new(198, 51, 100, 10),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// A frontend reachable from outside: `internal` for clients on this node,
+/// `external` for packets from outside, `ranges` its source ranges.
+fn external_plan(
+    frontend: Frontend,
+    kind: FrontendKind,
+    internal: Selection,
+    external: Selection,
+    ranges: &[&str],
+) -> FrontendPlan {
+    FrontendPlan {
+        frontend,
+        kind,
+        internal,
+        external: Some(external),
+        source_ranges: ranges.iter().map(|range| range.parse().unwrap()).collect(),
+    }
+}
+
+fn port_plan(frontends: Vec<FrontendPlan>, affinity: Option<u32>) -> ServicePortPlan {
+    ServicePortPlan {
+        frontends,
+        affinity_timeout: affinity,
+        local_backends: BTreeSet::new(),
+    }
+}
+
+fn master(datapath: &MemoryDatapath, frontend: &Frontend, scope: u8) -> Option<ServiceValue> {
+    datapath
+        .services
+        .get(&codec::service_key(frontend, scope, 0))
+        .copied()
+}
+
+fn ranges_of(datapath: &MemoryDatapath, rev_nat_id: u32) -> Vec<String> {
+    datapath
+        .source_ranges
+        .iter()
+        .filter(|range| range.rev_nat_id == rev_nat_id)
+        .map(|range| range.cidr.to_string())
+        .collect()
+}
+
+fn backend_id(datapath: &MemoryDatapath, last: u8) -> u32 {
+    *datapath
+        .backends
+        .iter()
+        .find(|(_, b)| codec::backend_addr(b) == Some(backend(last)))
+        .unwrap()
+        .0
+}
+
+/// ClusterIP 10.96.0.10 and NodePort 192.168.0.2:30080 with eTP=Local:
+/// clients on the node reach 11 and 12, packets from outside only the
+/// local 11.
+fn node_port_local() -> ServicePortPlan {
+    port_plan(
+        vec![
+            frontend_plan(
+                frontend(10),
+                FrontendKind::ClusterIp,
+                selection(&[11, 12], WhenEmpty::Reject),
+            ),
+            external_plan(
+                node_port_frontend(30080),
+                FrontendKind::NodePort,
+                selection(&[11, 12], WhenEmpty::Reject),
+                selection(&[11], WhenEmpty::Reject),
+                &[],
+            ),
+        ],
+        None,
+    )
+}
+
+#[test]
+fn rule_16_18_external_frontends_get_an_external_master_from_their_external_selection() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    let report = reconciler.sync(&desired(&[("web", node_port_local())]));
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.frontends_written, 2, "two frontends, three masters");
+    let datapath = reconciler.datapath();
+    let node_port = node_port_frontend(30080);
+    assert_eq!(
+        backends_in(datapath, &node_port, scope::INTERNAL),
+        Some(vec![backend(11), backend(12)])
+    );
+    assert_eq!(
+        backends_in(datapath, &node_port, scope::EXTERNAL),
+        Some(vec![backend(11)])
+    );
+    assert_eq!(
+        backends_in(datapath, &frontend(10), scope::EXTERNAL),
+        None,
+        "rule 16: a ClusterIP is not reachable from outside"
+    );
+    assert_eq!(datapath.backends.len(), 2, "one id per backend");
+    assert_eq!(datapath.services.len(), 3 + 2 + 2 + 1);
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+}
+
+#[test]
+fn rule_18_external_master_drops_when_no_endpoint_is_local() {
+    let plan = port_plan(
+        vec![external_plan(
+            node_port_frontend(30080),
+            FrontendKind::NodePort,
+            selection(&[12], WhenEmpty::Reject),
+            selection(&[], WhenEmpty::Drop),
+            &[],
+        )],
+        None,
+    );
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan)]));
+    let datapath = reconciler.datapath();
+    let internal = master(datapath, &node_port_frontend(30080), scope::INTERNAL).unwrap();
+    let external = master(datapath, &node_port_frontend(30080), scope::EXTERNAL).unwrap();
+    assert_eq!(
+        (internal.count, internal.flags),
+        (1, 0),
+        "pods still served"
+    );
+    assert_eq!(
+        (external.count, external.flags),
+        (0, service_flags::DROP_WHEN_EMPTY)
+    );
+    datapath.check_settled().unwrap();
+}
+
+#[test]
+fn rev_nat_ids_one_per_frontend_shared_by_its_scopes() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", node_port_local())]));
+    let datapath = reconciler.datapath();
+    let node_port = node_port_frontend(30080);
+    let cluster_ip = master(datapath, &frontend(10), scope::INTERNAL).unwrap();
+    let internal = master(datapath, &node_port, scope::INTERNAL).unwrap();
+    let external = master(datapath, &node_port, scope::EXTERNAL).unwrap();
+    assert_ne!(cluster_ip.rev_nat_id, 0);
+    assert_ne!(internal.rev_nat_id, 0);
+    assert_eq!(
+        internal.rev_nat_id, external.rev_nat_id,
+        "one id per frontend"
+    );
+    assert_ne!(cluster_ip.rev_nat_id, internal.rev_nat_id);
+    assert_eq!(
+        datapath.rev_nat,
+        BTreeMap::from([
+            (cluster_ip.rev_nat_id, codec::rev_nat(&frontend(10))),
+            (internal.rev_nat_id, codec::rev_nat(&node_port)),
+        ])
+    );
+    let rev_nat = datapath.rev_nat[&internal.rev_nat_id];
+    assert_eq!(rev_nat.addr.to_ne_bytes(), [192, 168, 0, 2]);
+    assert_eq!(rev_nat.port, 30080u16.to_be(), "network byte order");
+
+    // The frontend goes: its masters first, then its rev-NAT entry.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&desired(&[("web", plan(10, &[11, 12], None))]));
+    assert_eq!(report.frontends_deleted, 2, "both scopes");
+    assert_eq!(report.rev_nats_deleted, 1);
+    let datapath = reconciler.datapath();
+    assert_eq!(datapath.rev_nat.len(), 1);
+    assert!(datapath.rev_nat.contains_key(&cluster_ip.rev_nat_id));
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn rule_09_wildcards_carry_no_rev_nat_id() {
+    let state = with_cluster_ips(desired(&[("web", plan(10, &[11], None))]), &[10]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&state);
+    let datapath = reconciler.datapath();
+    let wildcard = codec::cluster_ip_wildcard(Ipv4Addr::new(10, 96, 0, 10), Protocol::Tcp);
+    assert_eq!(datapath.services[&wildcard].rev_nat_id, 0);
+    assert_eq!(datapath.rev_nat.len(), 1, "the frontend's only");
+    datapath.check_settled().unwrap();
+}
+
+#[test]
+fn rev_nat_ids_survive_restart_and_are_not_reused_at_once() {
+    let state = desired(&[("web", node_port_local()), ("api", plan(20, &[13], None))]);
+    let mut first = Reconciler::new(MemoryDatapath::default()).unwrap();
+    first.sync(&state);
+    let before = snapshot(first.datapath());
+
+    let mut restarted = Reconciler::new(snapshot(&before)).unwrap();
+    assert!(restarted.sync(&state).is_noop());
+    assert!(restarted.datapath().writes.is_empty());
+    assert_eq!(restarted.datapath().rev_nat, before.rev_nat);
+
+    // api goes and a new frontend comes in the same sync: it does not get
+    // api's id, which conntrack entries of api's flows may still carry.
+    let api_id = master(&before, &frontend(20), scope::INTERNAL)
+        .unwrap()
+        .rev_nat_id;
+    restarted.sync(&desired(&[
+        ("web", node_port_local()),
+        ("new", plan(30, &[13], None)),
+    ]));
+    let new_id = master(restarted.datapath(), &frontend(30), scope::INTERNAL)
+        .unwrap()
+        .rev_nat_id;
+    assert_ne!(new_id, api_id);
+    assert!(!before.rev_nat.contains_key(&new_id));
+    restarted.datapath().check_settled().unwrap();
+}
+
+#[test]
+fn rev_nat_entry_left_by_a_crash_before_its_master_is_not_reused_and_goes() {
+    let mut interrupted = MemoryDatapath::default();
+    interrupted
+        .rev_nat
+        .insert(1, codec::rev_nat(&node_port_frontend(30999)));
+    let mut restarted = Reconciler::new(interrupted).unwrap();
+    restarted.sync(&desired(&[("web", plan(10, &[11], None))]));
+    let datapath = restarted.datapath();
+    let id = master(datapath, &frontend(10), scope::INTERNAL)
+        .unwrap()
+        .rev_nat_id;
+    assert_ne!(id, 1, "the stray entry's id is not handed out");
+    assert_eq!(datapath.rev_nat.keys().copied().collect::<Vec<_>>(), [id]);
+    datapath.check_settled().unwrap();
+}
+
+#[test]
+fn rule_06_17_local_backends_carry_the_local_flag() {
+    let mut plan = node_port_local();
+    plan.local_backends = BTreeSet::from([backend(11)]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan.clone())]));
+    let datapath = reconciler.datapath();
+    let local = datapath.backends[&backend_id(datapath, 11)];
+    let remote = datapath.backends[&backend_id(datapath, 12)];
+    assert!(codec::is_local(&local));
+    assert!(!codec::is_local(&remote), "rule 17: source-NATed");
+
+    // The endpoint moves off the node: a new backend entry, the old one goes.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    plan.local_backends.clear();
+    reconciler.sync(&desired(&[("web", plan)]));
+    let datapath = reconciler.datapath();
+    assert_eq!(datapath.backends.len(), 2);
+    assert!(datapath.backends.values().all(|b| !codec::is_local(b)));
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn rule_23_external_selections_have_their_own_affinity_pairs() {
+    let mut plan = node_port_local();
+    plan.affinity_timeout = Some(60);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan)]));
+    let datapath = reconciler.datapath();
+    let node_port = node_port_frontend(30080);
+    let selections = [
+        master(datapath, &frontend(10), scope::INTERNAL).unwrap(),
+        master(datapath, &node_port, scope::INTERNAL).unwrap(),
+        master(datapath, &node_port, scope::EXTERNAL).unwrap(),
+    ]
+    .map(|m| m.selection);
+    assert_eq!(
+        selections,
+        [0, 0, 1],
+        "the local set is a selection of its own"
+    );
+    let svc_id = master(datapath, &node_port, scope::EXTERNAL)
+        .unwrap()
+        .svc_id;
+    let expected: BTreeSet<AffinityMatchKey> = [(11, 0), (12, 0), (11, 1)]
+        .into_iter()
+        .map(|(last, selection)| AffinityMatchKey {
+            backend_id: backend_id(datapath, last),
+            svc_id,
+            selection,
+        })
+        .collect();
+    assert_eq!(datapath.affinity_match, expected);
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+}
+
+#[test]
+fn rule_15_load_balancer_ip_with_source_ranges_gets_an_external_master_checking_them() {
+    let with_ranges = |ranges: &[&str]| {
+        desired(&[(
+            "web",
+            port_plan(
+                vec![
+                    frontend_plan(
+                        frontend(10),
+                        FrontendKind::ClusterIp,
+                        selection(&[11, 12], WhenEmpty::Reject),
+                    ),
+                    external_plan(
+                        lb_ip(),
+                        FrontendKind::LoadBalancer,
+                        selection(&[11, 12], WhenEmpty::Reject),
+                        selection(&[11, 12], WhenEmpty::Reject),
+                        ranges,
+                    ),
+                ],
+                None,
+            ),
+        )])
+    };
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    let report = reconciler.sync(&with_ranges(&["203.0.113.0/24", "192.0.2.128/25"]));
+    assert_eq!(report.source_ranges_written, 2);
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        master(datapath, &lb_ip(), scope::INTERNAL),
+        None,
+        "left to the balancer at socket level"
+    );
+    let external = master(datapath, &lb_ip(), scope::EXTERNAL).unwrap();
+    assert_eq!(external.flags, service_flags::SOURCE_RANGES);
+    assert_eq!(external.count, 2);
+    assert_eq!(
+        ranges_of(datapath, external.rev_nat_id),
+        ["192.0.2.128/25", "203.0.113.0/24"]
+    );
+    assert_eq!(datapath.source_ranges.len(), 2);
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+
+    // Other ranges: the new ones are in before the old ones go.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&with_ranges(&["198.51.100.0/24"]));
+    assert!(!report.is_noop(), "a change of ranges alone is a change");
+    assert_eq!(
+        (report.source_ranges_written, report.source_ranges_deleted),
+        (1, 2)
+    );
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        ranges_of(datapath, external.rev_nat_id),
+        ["198.51.100.0/24"]
+    );
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+
+    // No ranges: the socket level programs the LB IP again; the flag and
+    // the ranges go.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    reconciler.sync(&with_ranges(&[]));
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        backends_at(datapath, &lb_ip()),
+        Some(vec![backend(11), backend(12)])
+    );
+    let external = master(datapath, &lb_ip(), scope::EXTERNAL).unwrap();
+    assert_eq!(external.flags, 0);
+    assert!(datapath.source_ranges.is_empty());
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+
+    // Ranges again: the internal master goes after the external one checks them.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    reconciler.sync(&with_ranges(&["203.0.113.0/24"]));
+    let datapath = reconciler.datapath();
+    assert_eq!(master(datapath, &lb_ip(), scope::INTERNAL), None);
+    assert_eq!(datapath.source_ranges.len(), 1);
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+
+    // The LB IP goes: its master, ranges and rev-NAT entry with it.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12], None))]));
+    let datapath = reconciler.datapath();
+    assert_eq!(master(datapath, &lb_ip(), scope::EXTERNAL), None);
+    assert!(datapath.source_ranges.is_empty());
+    assert_eq!(datapath.rev_nat.len(), 1);
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn rule_15_source_ranges_stay_while_their_port_is_refused() {
+    let lb = |ranges: &[&str], backends: &[u8]| {
+        desired(&[(
+            "web",
+            port_plan(
+                vec![external_plan(
+                    lb_ip(),
+                    FrontendKind::LoadBalancer,
+                    selection(backends, WhenEmpty::Reject),
+                    selection(backends, WhenEmpty::Reject),
+                    ranges,
+                )],
+                None,
+            ),
+        )])
+    };
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 4,
+            backends: 10,
+            rev_nat: 10,
+            source_ranges: 10,
+            affinity_match: 10,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    reconciler.sync(&lb(&["203.0.113.0/24"], &[11]));
+    // New ranges and more backends than the services map has room for: the
+    // old master stays, and so do the ranges it checks.
+    let report = reconciler.sync(&lb(&["198.51.100.0/24"], &[11, 12, 13, 14]));
+    assert_eq!(report.over_capacity.len(), 1);
+    let datapath = reconciler.datapath();
+    let external = master(datapath, &lb_ip(), scope::EXTERNAL).unwrap();
+    assert_eq!(external.count, 1);
+    assert_eq!(ranges_of(datapath, external.rev_nat_id), ["203.0.113.0/24"]);
+    datapath.check_consistent().unwrap();
+}
+
+#[test]
+fn rule_09_wildcards_give_way_to_service_ports_and_every_refusal_is_counted() {
+    // ClusterIP services with one endpoint arriving a few at a time, into a
+    // services map of 10 entries: each port needs 2 (master and slot),
+    // each ClusterIP 2 more for rule 9. Ports come first, so 5 are served;
+    // every other port and every wildcard left out is counted.
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 10,
+            backends: 100,
+            rev_nat: 100,
+            source_ranges: 100,
+            affinity_match: 100,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    let names: Vec<String> = (1..=8).map(|n| format!("svc-{n}")).collect();
+    for arrived in [2, 4, 6, 8] {
+        let ports: Vec<(&str, ServicePortPlan)> = (1..=arrived)
+            .map(|n| (names[n - 1].as_str(), plan(n as u8, &[n as u8 + 100], None)))
+            .collect();
+        let lasts: Vec<u8> = (1..=arrived as u8).collect();
+        let report = reconciler.sync(&with_cluster_ips(desired(&ports), &lasts));
+        assert!(report.is_complete(), "{report:?}");
+        let served = (1..=arrived as u8)
+            .filter(|last| backends_of(reconciler.datapath(), *last).is_some())
+            .count();
+        assert_eq!(
+            served + report.over_capacity.len(),
+            arrived,
+            "every port served or counted: {report:?}"
+        );
+        assert_eq!(served, arrived.min(5));
+        let wildcards = reconciler
+            .datapath()
+            .services
+            .keys()
+            .filter(|key| codec::is_cluster_ip_wildcard(key))
+            .count();
+        assert_eq!(wildcards + report.wildcards_over_capacity, 2 * arrived);
+        assert!(reconciler.datapath().services.len() <= 10);
+        reconciler.datapath().check_settled().unwrap();
+    }
+}
+
+#[test]
+fn port_refused_for_room_is_programmed_once_the_same_sync_frees_it() {
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 4,
+            backends: 100,
+            rev_nat: 100,
+            source_ranges: 100,
+            affinity_match: 100,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    reconciler.sync(&desired(&[
+        ("a", plan(10, &[11], None)),
+        ("b", plan(20, &[21], None)),
+    ]));
+    // a goes, c comes: c only fits once a is deleted, which is done last.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&desired(&[
+        ("b", plan(20, &[21], None)),
+        ("c", plan(30, &[31], None)),
+    ]));
+    assert!(report.over_capacity.is_empty(), "{report:?}");
+    assert_eq!((report.frontends_written, report.frontends_deleted), (1, 1));
+    assert_eq!(
+        backends_of(reconciler.datapath(), 30),
+        Some(vec![backend(31)])
+    );
+    assert_consistent_at_every_write(&before, &reconciler.datapath().writes[writes_before..]);
+}
+
+#[test]
+fn capacity_counts_every_map_a_port_adds_to() {
+    let node_port = || desired(&[("web", node_port_local())]);
+    // (map, capacity with that map one entry short, needed, free)
+    let full = Capacity {
+        services: 8,
+        backends: 2,
+        rev_nat: 2,
+        source_ranges: 0,
+        affinity_match: 0,
+    };
+    let cases = [
+        (
+            map_names::SERVICES,
+            Capacity {
+                services: 7,
+                ..full
+            },
+            8,
+            7,
+        ),
+        (
+            map_names::BACKENDS,
+            Capacity {
+                backends: 1,
+                ..full
+            },
+            2,
+            1,
+        ),
+        (map_names::REV_NAT, Capacity { rev_nat: 1, ..full }, 2, 1),
+    ];
+    let mut reconciler = Reconciler::new(MemoryDatapath {
+        capacity: Some(full),
+        ..MemoryDatapath::default()
+    })
+    .unwrap();
+    assert!(reconciler.sync(&node_port()).over_capacity.is_empty());
+    for (map, capacity, needed, free) in cases {
+        let mut reconciler = Reconciler::new(MemoryDatapath {
+            capacity: Some(capacity),
+            ..MemoryDatapath::default()
+        })
+        .unwrap();
+        let report = reconciler.sync(&node_port());
+        assert_eq!(
+            report.over_capacity,
+            vec![(port_name("web"), OverCapacity { map, needed, free })],
+            "{map}"
+        );
+        assert!(reconciler.datapath().writes.is_empty(), "{map}");
+    }
+
+    // Source ranges and affinity pairs count too.
+    let mut lb = port_plan(
+        vec![external_plan(
+            lb_ip(),
+            FrontendKind::LoadBalancer,
+            selection(&[11], WhenEmpty::Reject),
+            selection(&[11], WhenEmpty::Reject),
+            &["203.0.113.0/24", "192.0.2.0/24"],
+        )],
+        None,
+    );
+    let room = Capacity {
+        services: 100,
+        backends: 100,
+        rev_nat: 100,
+        source_ranges: 1,
+        affinity_match: 0,
+    };
+    let mut reconciler = Reconciler::new(MemoryDatapath {
+        capacity: Some(room),
+        ..MemoryDatapath::default()
+    })
+    .unwrap();
+    let report = reconciler.sync(&desired(&[("web", lb.clone())]));
+    assert_eq!(
+        report.over_capacity[0].1,
+        OverCapacity {
+            map: map_names::SOURCE_RANGES,
+            needed: 2,
+            free: 1
+        }
+    );
+    lb.frontends[0].source_ranges.clear();
+    lb.affinity_timeout = Some(60);
+    let report = reconciler.sync(&desired(&[("web", lb)]));
+    assert_eq!(
+        report.over_capacity[0].1,
+        OverCapacity {
+            map: map_names::AFFINITY_MATCH,
+            needed: 1,
+            free: 0
+        },
+        "one set, shared by both scopes"
+    );
+}
+
+#[test]
+fn slots_beyond_a_shrunk_master_s_count_are_swept_on_restart() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[("web", plan(10, &[11, 12, 13], None))]));
+    // A crash after the master shrank to one slot, before its tail went.
+    let mut interrupted = snapshot(reconciler.datapath());
+    let master_key = codec::service_key(&frontend(10), scope::INTERNAL, 0);
+    interrupted.services.get_mut(&master_key).unwrap().count = 1;
+    assert!(interrupted.check_settled().is_err());
+
+    let mut restarted = Reconciler::new(snapshot(&interrupted)).unwrap();
+    let report = restarted.sync(&desired(&[("web", plan(10, &[11], None))]));
+    assert!(report.is_complete());
+    assert_eq!(report.backends_deleted, 2);
+    let datapath = restarted.datapath();
+    assert_eq!(backends_of(datapath, 10), Some(vec![backend(11)]));
+    assert_eq!(datapath.services.len(), 2, "master and its one slot");
+    assert_consistent_at_every_write(&interrupted, &datapath.writes);
+
+    // The same when the master grows again in that sync: slot 2 is
+    // rewritten before the count, slot 3 goes.
+    let mut restarted = Reconciler::new(snapshot(&interrupted)).unwrap();
+    restarted.sync(&desired(&[("web", plan(10, &[11, 14], None))]));
+    let datapath = restarted.datapath();
+    assert_eq!(
+        backends_of(datapath, 10),
+        Some(vec![backend(11), backend(14)])
+    );
+    assert_eq!(datapath.services.len(), 3);
+    assert_consistent_at_every_write(&interrupted, &datapath.writes);
 }
