@@ -50,9 +50,10 @@ fn next_state(state: u8, flags: u8, from_client: bool) -> u8 {
     }
 }
 
-/// The tracked flow of a client's packet, while its backend still exists
-/// as it was chosen. A SYN on a closing flow starts a new flow (port
-/// reuse), as does a flow whose backend is gone.
+/// The tracked flow of a client's packet. A TCP flow keeps its backend
+/// until it closes, also after the backend left the Service (rule 29); a
+/// SYN on a closing flow starts a new flow (port reuse). A datagram flow
+/// whose backend is gone starts over on a live one (rule 30).
 #[inline(always)]
 pub fn established(flow: &Flow4, flags: u8) -> Option<CtEntry> {
     let entry_ptr = CONNTRACK.get_ptr_mut(flow)?;
@@ -60,9 +61,7 @@ pub fn established(flow: &Flow4, flags: u8) -> Option<CtEntry> {
     if entry.state == ct_state::TCP_CLOSING && flags & tcp_flags::SYN != 0 {
         return None;
     }
-    let backend = BACKENDS.get_ptr(entry.backend_id)?;
-    let backend = unsafe { *backend };
-    if backend.addr != entry.backend_addr || backend.port != entry.backend_port {
+    if entry.state == ct_state::DATAGRAM && !backend_current(&entry) {
         return None;
     }
     // Racing writers on other CPUs only blur the timestamp.
@@ -71,6 +70,18 @@ pub fn established(flow: &Flow4, flags: u8) -> Option<CtEntry> {
         (*entry_ptr).state = next_state(entry.state, flags, true);
     }
     Some(entry)
+}
+
+/// Whether the flow's backend is still in the backend table as chosen.
+#[inline(always)]
+fn backend_current(entry: &CtEntry) -> bool {
+    match BACKENDS.get_ptr(entry.backend_id) {
+        Some(backend) => {
+            let backend = unsafe { *backend };
+            backend.addr == entry.backend_addr && backend.port == entry.backend_port
+        }
+        None => false,
+    }
 }
 
 /// Marks a reply of the flow `original` (client -> frontend) as seen.
