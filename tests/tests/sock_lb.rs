@@ -366,7 +366,7 @@ fn maps_dump_with_field_names() {
     );
     let dump: Value = serde_json::from_slice(&out.stdout).unwrap();
     let formatted = &dump[0]["formatted"];
-    for field in ["addr", "port", "proto", "slot"] {
+    for field in ["addr", "port", "proto", "scope", "slot"] {
         assert!(
             formatted["key"].get(field).is_some(),
             "BTF field {field} missing: {dump}"
@@ -381,7 +381,7 @@ fn maps_dump_with_field_names() {
         .unwrap();
     let info: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["flags"], 1, "BPF_F_NO_PREALLOC: {info}");
-    assert_eq!(info["max_entries"], 262_144);
+    assert_eq!(info["max_entries"], proxy_common::map_sizes::SERVICES);
 }
 
 #[test]
@@ -524,6 +524,6 @@ fn rule_34_metrics_show_sync_and_datapath_counters() {
     assert_eq!(value("ebpf_proxy_map_entries{map=\"lb4_backends\"}"), 3.0);
     assert_eq!(
         value("ebpf_proxy_map_capacity{map=\"lb4_services\"}"),
-        262_144.0
+        f64::from(proxy_common::map_sizes::SERVICES)
     );
 }
