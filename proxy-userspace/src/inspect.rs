@@ -258,9 +258,10 @@ pub fn backends_table(backends: &BTreeMap<u32, Backend>) -> String {
 }
 
 pub fn counters_table(rows: &[CounterRow]) -> String {
+    let width = rows.iter().map(|row| row.name.len()).max().unwrap_or(0);
     let mut out = String::new();
     for row in rows {
-        let _ = writeln!(out, "{:<22} {}", row.name, row.value);
+        let _ = writeln!(out, "{:<width$} {:>12}", row.name, row.value);
     }
     out
 }
