@@ -45,9 +45,12 @@ pub mod map_names {
     pub const CT_REPLY: &str = "lb4_ct_reply";
     /// [`super::Counter`] index -> `u64`, per CPU.
     pub const COUNTERS: &str = "lb_counters";
+    /// [`super::MaglevKey`] -> a Maglev lookup table (an inner array, see
+    /// [`super::maglev`]).
+    pub const MAGLEV: &str = "lb4_maglev";
 
     /// Every map the object defines, in the order the agent pins them.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -58,6 +61,7 @@ pub mod map_names {
         CONNTRACK,
         CT_REPLY,
         COUNTERS,
+        MAGLEV,
     ];
 }
 
@@ -84,6 +88,78 @@ pub mod map_sizes {
     /// Their reply tuples (one per tracked flow).
     pub const CT_REPLY: u32 = 262_144;
     pub const COUNTERS: u32 = super::Counter::COUNT;
+    /// Maglev tables: one per service port and backend set.
+    pub const MAGLEV: u32 = 65_536;
+}
+
+/// Maglev consistent hashing for external flows (every node builds the
+/// same table from the same backends, so a flow that moves to another
+/// node, by ECMP or a balancer's re-hash, lands on the same backend).
+///
+/// A table is an array map (`u32` index -> `u32`): index 0 holds the
+/// table's size M (prime), indices `1..=M` the backend ids. It is built
+/// whole and swapped into `lb4_maglev` in one update, so a change is atomic
+/// per table; holding M itself, a table stays right while tables of
+/// another size replace it.
+pub mod maglev {
+    /// The default M (prime), as in Cilium.
+    pub const DEFAULT_TABLE_SIZE: u32 = 16_381;
+    /// The largest M the agent accepts (prime).
+    pub const MAX_TABLE_SIZE: u32 = 131_071;
+    /// Entries of the inner-map template; real tables have M + 1
+    /// (`BPF_F_INNER_MAP` lets them differ).
+    pub const TEMPLATE_ENTRIES: u32 = DEFAULT_TABLE_SIZE + 1;
+    /// `BPF_F_INNER_MAP`: set on the template and on every table.
+    pub const INNER_MAP_FLAGS: u32 = 1 << 12;
+
+    /// The table slot (`1..=m`) of a flow hash.
+    #[inline(always)]
+    pub const fn slot(hash: u32, m: u32) -> u32 {
+        hash % m + 1
+    }
+}
+
+/// Key of `lb4_maglev`: the frontends of a service port that select the
+/// same backends share one table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct MaglevKey {
+    pub svc_id: u32,
+    /// [`ServiceValue::selection`] of the external master.
+    pub selection: u32,
+}
+
+/// The hash of a flow that picks its Maglev slot: the same on every node
+/// and in userspace (`ebpf-proxy explain`). murmur3's mixing over the
+/// 5-tuple as the packet carries it.
+#[inline(always)]
+pub const fn flow_hash(flow: &Flow4) -> u32 {
+    const C1: u32 = 0xcc9e_2d51;
+    const C2: u32 = 0x1b87_3593;
+    let words = [
+        flow.saddr,
+        flow.daddr,
+        ((flow.sport as u32) << 16) | flow.dport as u32,
+        flow.proto as u32,
+    ];
+    let mut hash: u32 = 0x5eed_1b5a;
+    let mut i = 0;
+    while i < words.len() {
+        let mut k = words[i].wrapping_mul(C1);
+        k = k.rotate_left(15).wrapping_mul(C2);
+        hash ^= k;
+        hash = hash
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64);
+        i += 1;
+    }
+    hash ^= 16;
+    hash ^= hash >> 16;
+    hash = hash.wrapping_mul(0x85eb_ca6b);
+    hash ^= hash >> 13;
+    hash = hash.wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
 }
 
 /// Transport protocol numbers as in the IPv4 header and
@@ -579,4 +655,5 @@ mod user {
     unsafe impl aya::Pod for Flow4 {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for CtReply {}
+    unsafe impl aya::Pod for MaglevKey {}
 }

@@ -5,12 +5,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, RevNat,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_sizes,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, MaglevKey,
+    RevNat, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, maglev,
+    map_sizes,
 };
 
 /// Maps only the agent writes are allocated as they fill: their capacity
@@ -90,6 +91,18 @@ pub static CONNTRACK: LruHashMap<Flow4, CtEntry, { map_sizes::CONNTRACK as usize
 #[btf_map(name = "lb4_ct_reply")]
 pub static CT_REPLY: LruHashMap<Flow4, CtReply, { map_sizes::CT_REPLY as usize }> =
     LruHashMap::new();
+
+/// A Maglev table as the programs see it: index 0 its size M, `1..=M`
+/// backend ids. Real tables have M + 1 entries (`BPF_F_INNER_MAP`).
+pub type MaglevTable =
+    Array<u32, { maglev::TEMPLATE_ENTRIES as usize }, { maglev::INNER_MAP_FLAGS as usize }>;
+
+/// Maglev tables of external frontends, by service port and backend set.
+/// The agent builds a table whole and swaps it in with one update, so a
+/// new flow sees the old table or the new one, never a mix.
+#[btf_map(name = "lb4_maglev")]
+pub static MAGLEV: HashOfMaps<MaglevKey, MaglevTable, { map_sizes::MAGLEV as usize }> =
+    HashOfMaps::new();
 
 /// Per-CPU event counters, indexed by `proxy_common::Counter`.
 #[btf_map(name = "lb_counters")]

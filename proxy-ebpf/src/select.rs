@@ -8,11 +8,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
-    SourceRange, lb,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, Counter, Flow4, MaglevKey, ServiceKey,
+    ServiceValue, SourceRange, flow_hash, lb, maglev,
 };
 
-use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, SOURCE_RANGES, count};
+use crate::maps::{AFFINITY, AFFINITY_MATCH, BACKENDS, MAGLEV, SERVICES, SOURCE_RANGES, count};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
@@ -40,12 +40,27 @@ impl lb::LbMaps for Maps {
     }
 }
 
+/// How a new flow without affinity picks its backend.
+#[derive(Clone, Copy)]
+pub enum Pick<'a> {
+    /// Uniformly at random (socket level).
+    Random,
+    /// By the flow's Maglev slot when the frontend has a table (packet
+    /// level), else at random.
+    Maglev(&'a Flow4),
+}
+
 /// The backend id for a new flow of `client` (a netns cookie at socket
 /// level, a marked IPv4 address at packet level).
 #[inline(always)]
-pub fn backend_for(client: u64, master_key: &ServiceKey, master: &ServiceValue) -> Option<u32> {
+pub fn backend_for(
+    client: u64,
+    master_key: &ServiceKey,
+    master: &ServiceValue,
+    pick: Pick,
+) -> Option<u32> {
     if master.affinity_timeout == 0 {
-        return pick_slot(master_key, master.count);
+        return pick_backend(master_key, master, pick);
     }
     let now = (unsafe { bpf_ktime_get_ns() } / NANOS_PER_SEC) as u32;
     let affinity_key = AffinityKey {
@@ -70,7 +85,7 @@ pub fn backend_for(client: u64, master_key: &ServiceKey, master: &ServiceValue) 
         }
     }
     if backend_id == 0 {
-        backend_id = pick_slot(master_key, master.count)?;
+        backend_id = pick_backend(master_key, master, pick)?;
     }
     let refreshed = AffinityValue {
         backend_id,
@@ -79,6 +94,32 @@ pub fn backend_for(client: u64, master_key: &ServiceKey, master: &ServiceValue) 
     // A failed refresh only costs stickiness for the next flow.
     let _ = AFFINITY.insert(affinity_key, refreshed, 0);
     Some(backend_id)
+}
+
+#[inline(always)]
+fn pick_backend(master_key: &ServiceKey, master: &ServiceValue, pick: Pick) -> Option<u32> {
+    if let Pick::Maglev(flow) = pick
+        && let Some(backend_id) = maglev_backend(master, flow)
+    {
+        return Some(backend_id);
+    }
+    pick_slot(master_key, master.count)
+}
+
+/// The backend in the flow's slot of its frontend's Maglev table.
+#[inline(always)]
+fn maglev_backend(master: &ServiceValue, flow: &Flow4) -> Option<u32> {
+    let key = MaglevKey {
+        svc_id: master.svc_id,
+        selection: master.selection as u32,
+    };
+    // SAFETY: tables are replaced whole, never written in place.
+    let table = unsafe { MAGLEV.get(&key) }?;
+    let size = *table.get(0)?;
+    if size == 0 {
+        return None;
+    }
+    table.get(maglev::slot(flow_hash(flow), size)).copied()
 }
 
 /// A uniformly chosen slot's backend id.

@@ -81,7 +81,8 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
         return REJECT;
     }
     let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(backend_id) = select::backend_for(client, &master_key, &master) else {
+    let Some(backend_id) = select::backend_for(client, &master_key, &master, select::Pick::Random)
+    else {
         return refuse_inconsistent();
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {

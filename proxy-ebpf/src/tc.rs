@@ -61,9 +61,10 @@ pub fn tc_ingress(ctx: TcContext) -> i32 {
         NewFlow::Balance(master_key, master) => {
             let client = AffinityKey::PACKET_CLIENT | flow.saddr as u64;
             let Some(entry) =
-                select::backend_for(client, &master_key, &master).and_then(|backend_id| {
-                    track(&ctx, &ip, &ports, &flow, backend_id, master.rev_nat_id)
-                })
+                select::backend_for(client, &master_key, &master, select::Pick::Maglev(&flow))
+                    .and_then(|backend_id| {
+                        track(&ctx, &ip, &ports, &flow, backend_id, master.rev_nat_id)
+                    })
             else {
                 return DROP;
             };
