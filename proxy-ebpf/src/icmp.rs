@@ -8,6 +8,7 @@ use aya_ebpf::{bindings::TC_ACT_OK, programs::TcContext};
 use proxy_common::{Counter, CtReply, Flow4, RevNat, ct_flags, proto};
 
 use crate::{
+    csum,
     maps::{CT_REPLY, REV_NAT, count},
     nat,
     parse::{IP_CSUM, IP_DST, IP_OFF, IP_SRC, Ipv4, Ports, ptr_at},
@@ -119,7 +120,7 @@ fn translate(ctx: &TcContext, ip: &Ipv4, direction: Direction) -> Option<i32> {
         csum_off: 0,
         csum_flags: 0,
     };
-    let route = nat::route(ctx, ip, &to_client, reply.client_addr)?;
+    let route = nat::route(&nat::Hook::tc(ctx), ip, &to_client, reply.client_addr)?;
     Some(nat::redirect(&route))
 }
 
@@ -141,7 +142,7 @@ fn quoted_rewrite(
     ctx.store(quoted_off + addr_at, &new_addr, 0).ok()?;
     ctx.l4_csum_replace(icmp.csum_off, old_addr as u64, new_addr as u64, 4)
         .ok()?;
-    *quoted_csum = csum_replace4(*quoted_csum, old_addr, new_addr);
+    *quoted_csum = csum::replace4(*quoted_csum, old_addr, new_addr);
     ctx.store(quoted_off + port_at, &new_port, 0).ok()?;
     ctx.l4_csum_replace(icmp.csum_off, old_port as u64, new_port as u64, 2)
         .ok()
@@ -152,16 +153,4 @@ fn outer_rewrite(ctx: &TcContext, addr_at: usize, old: u32, new: u32) -> Option<
     ctx.store(IP_OFF + addr_at, &new, 0).ok()?;
     ctx.l3_csum_replace(IP_OFF + IP_CSUM, old as u64, new as u64, 4)
         .ok()
-}
-
-/// RFC 1624 incremental update of a checksum (as read from memory) for a
-/// 32-bit field (as read from memory) changing from `old` to `new`.
-#[inline(always)]
-fn csum_replace4(check: u16, old: u32, new: u32) -> u16 {
-    let mut sum = (!check) as u32;
-    sum += (!old & 0xffff) + (!old >> 16);
-    sum += (new & 0xffff) + (new >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

@@ -5,6 +5,8 @@
 #![no_main]
 
 mod conntrack;
+mod csum;
+mod flow;
 mod icmp;
 mod maps;
 mod nat;
@@ -13,6 +15,7 @@ mod reject;
 mod select;
 mod sock;
 mod tc;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -5,7 +5,7 @@
 
 use core::mem;
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -33,14 +33,69 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
+/// The packet of either hook, as the parser reads it.
+pub trait Packet {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The whole packet's length (an skb's paged data included).
+    fn len(&self) -> usize;
+    /// Makes the first `len` bytes directly readable, where it can.
+    fn pull(&self, len: u32);
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn pull(&self, len: u32) {
+        let _ = self.pull_data(len);
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        // Opaque to the optimizer: derived from data_end, it would let LLVM
+        // prove the bounds checks against data_end redundant and drop them,
+        // and the verifier needs every one.
+        core::hint::black_box(XdpContext::data_end(self) - XdpContext::data(self))
+    }
+    #[inline(always)]
+    fn pull(&self, _len: u32) {}
+}
+
 /// A `T` at `offset` of the packet's linear data, if it fits.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Option<*const T> {
     let start = ctx.data();
     if start + offset + mem::size_of::<T>() > ctx.data_end() {
         return None;
     }
     Some((start + offset) as *const T)
+}
+
+/// A writable `T` at `offset` (XDP writes in place).
+#[inline(always)]
+pub fn ptr_at_mut<T>(ctx: &impl Packet, offset: usize) -> Option<*mut T> {
+    ptr_at::<T>(ctx, offset).map(|ptr| ptr as *mut T)
 }
 
 /// An IPv4 packet whose header was checked: version, IHL, total length.
@@ -77,16 +132,16 @@ pub enum Frame {
 
 /// Reads and checks the Ethernet and IPv4 headers.
 #[inline(always)]
-pub fn frame(ctx: &TcContext) -> Frame {
+pub fn frame(ctx: &impl Packet) -> Frame {
     // Headers may sit in paged data (GRO); bring what is read into the
     // linear part once.
-    let wanted = if ctx.len() < HEADROOM {
-        ctx.len()
+    let wanted = if ctx.len() < HEADROOM as usize {
+        ctx.len() as u32
     } else {
         HEADROOM
     };
     if ctx.data() + wanted as usize > ctx.data_end() {
-        let _ = ctx.pull_data(wanted);
+        ctx.pull(wanted);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Frame::Malformed(Counter::MalformedTruncated);
@@ -103,7 +158,7 @@ pub fn frame(ctx: &TcContext) -> Frame {
     if ip.vihl >> 4 != 4
         || header_len < Ipv4Hdr::LEN
         || total_len < header_len
-        || IP_OFF + total_len > ctx.len() as usize
+        || IP_OFF + total_len > ctx.len()
     {
         return Frame::Malformed(Counter::MalformedIpHeader);
     }
@@ -143,12 +198,13 @@ impl Ports {
     }
 }
 
-const BPF_F_MARK_MANGLED_0: u64 = 32;
+/// `l4_csum_replace`: a UDP checksum of 0 (none) stays 0.
+pub const BPF_F_MARK_MANGLED_0: u64 = 32;
 
 /// Ports of a TCP or UDP packet whose header lies within the packet and the
 /// length the IPv4 header claims; `None` when truncated.
 #[inline(always)]
-pub fn ports(ctx: &TcContext, ip: &Ipv4) -> Option<Ports> {
+pub fn ports(ctx: &impl Packet, ip: &Ipv4) -> Option<Ports> {
     let off = ip.l4_off();
     let end = IP_OFF + ip.total_len;
     if ip.proto == proto::TCP {

@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub nodeport_addresses: NodePortAddresses,
     /// Devices external traffic arrives on (tc programs attach there).
     pub devices: Vec<String>,
+    /// Whether and how XDP runs on `devices` in front of tc.
+    pub xdp_mode: programs::XdpMode,
     pub capacities: programs::Capacities,
     /// A change waiting longer than this, or a source failing longer than
     /// this, makes /healthz fail.
@@ -100,7 +102,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut reconciler = Reconciler::new(maps).context("reading back the pinned maps")?;
     // New maps (a migration) are filled before any program uses them.
     if !datapath.migrating() {
-        datapath.attach(&config.cgroup, &config.devices)?;
+        datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
     }
     tracing::info!(
         bpffs = %config.bpffs.display(),
@@ -166,7 +168,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             if !sync.program(&mut reconciler, &desired) {
                 pending = Some(desired);
             } else if datapath.migrating() {
-                datapath.attach(&config.cgroup, &config.devices)?;
+                datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
                 datapath.finish_migration()?;
             }
         }

@@ -87,6 +87,12 @@ struct AgentArgs {
     /// only the socket level translates).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// XDP in front of tc on the --devices: auto (native on devices backed
+    /// by hardware, off on virtual ones such as veth, bridge, bond, VLAN),
+    /// native (in the driver; a device whose driver cannot gets one log
+    /// line and tc alone), generic (any device, slower than native) or off.
+    #[arg(long, value_enum, default_value = "auto")]
+    xdp_mode: XdpModeArg,
     /// Entries of the frontend map (masters, backend slots, rule 9
     /// entries): 100k ClusterIP Services with one endpoint need 400k.
     #[arg(long, default_value_t = Capacities::default().services)]
@@ -107,6 +113,25 @@ struct AgentArgs {
     /// failing longer than this, fails /healthz.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+impl From<XdpModeArg> for programs::XdpMode {
+    fn from(mode: XdpModeArg) -> Self {
+        match mode {
+            XdpModeArg::Auto => programs::XdpMode::Auto,
+            XdpModeArg::Native => programs::XdpMode::Native,
+            XdpModeArg::Generic => programs::XdpMode::Generic,
+            XdpModeArg::Off => programs::XdpMode::Off,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -278,6 +303,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         metrics_bind_address: args.metrics_bind_address,
         nodeport_addresses: args.nodeport_addresses,
         devices,
+        xdp_mode: args.xdp_mode.into(),
         capacities: Capacities {
             services: args.max_services,
             backends: args.max_backends,

@@ -44,7 +44,7 @@ use std::{
 
 use crate::{
     Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, datapath_counters, datapath_services,
-    host_in, json_lines, manifests, start_server_in, veth_pair,
+    host_in, json_lines, manifests, run_checked, start_server_in, veth_pair,
 };
 
 /// The router's address on the LAN.
@@ -336,6 +336,23 @@ fn agent_args(manifests: &Path, extra_args: &[&str]) -> Vec<String> {
     args
 }
 
+/// Endpoints compute their checksums in full, as packets from a real NIC
+/// arrive: a local stack's veth otherwise leaves them partial (offload
+/// state in the skb), which XDP's in-place rewrite cannot finish.
+fn full_checksums(netns: &Netns) -> Result<()> {
+    run_checked(Command::new("ip").args([
+        "netns",
+        "exec",
+        netns.name(),
+        "ethtool",
+        "-K",
+        "eth0",
+        "tx",
+        "off",
+    ]))
+    .map(drop)
+}
+
 /// A client outside the cluster, behind the router.
 pub struct External {
     netns: Netns,
@@ -351,6 +368,7 @@ impl External {
         router.ip(&["link", "set", plan.router_if, "up"])?;
         netns.ip(&["addr", "add", &format!("{}/24", plan.ip), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
+        full_checksums(&netns)?;
         netns.ip(&["route", "add", "default", "via", plan.router_ip])?;
         Ok(External { netns, ip: plan.ip })
     }
@@ -534,6 +552,7 @@ impl Cluster {
             .ip(&["link", "set", &node_port, "master", "cni0", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
         netns.ip(&["link", "set", "eth0", "up"])?;
+        full_checksums(&netns)?;
         netns.ip(&["route", "add", "default", "via", node.pod_gateway()])?;
         Ok(Pod {
             servers: Vec::new(),

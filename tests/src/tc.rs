@@ -16,7 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key},
-    programs::{SchedClassifier, TestRun, TestRunOptions},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 use etherparse::PacketBuilder;
 use ipnet::Ipv4Net;
@@ -149,6 +149,30 @@ pub fn node_netns(prefix: &str) -> Result<NodeNetns> {
         &["link", "set", "eth0", "up"],
         &["route", "add", "10.244.2.0/24", "via", "192.168.0.3"],
         &["route", "add", "default", "via", "192.168.0.1"],
+        // Resolved next hops: XDP sends a packet itself only when the
+        // FIB knows the next hop's MAC.
+        &[
+            "neigh",
+            "add",
+            "192.168.0.1",
+            "lladdr",
+            "02:00:00:00:01:01",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+        &[
+            "neigh",
+            "add",
+            "192.168.0.3",
+            "lladdr",
+            "02:00:00:00:01:03",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
     ] {
         node.ip(args)?;
     }
@@ -176,13 +200,42 @@ pub fn node_netns(prefix: &str) -> Result<NodeNetns> {
     })
 }
 
-/// One run of a tc program.
+/// One run of a tc or XDP program.
 pub struct RunResult {
-    /// `TC_ACT_*`.
+    /// `TC_ACT_*` or `XDP_*`.
     pub verdict: u32,
     pub output: Vec<u8>,
     /// What the kernel measured for the run.
     pub duration: Duration,
+}
+
+/// `xdp_md` of an XDP test run: the packet (offsets) and its device.
+const XDP_CTX_LEN: usize = 24;
+
+/// Runs `xdp_ingress` once on `input`, as if it arrived on device
+/// `ifindex` of the calling thread's namespace.
+pub fn run_xdp(ebpf: &mut Ebpf, input: &[u8], ifindex: u32) -> Result<RunResult> {
+    let program: &mut Xdp = ebpf
+        .program_mut("xdp_ingress")
+        .context("no program xdp_ingress")?
+        .try_into()?;
+    let mut ctx = [0u8; XDP_CTX_LEN];
+    // data 0, data_end = the length, data_meta 0, then the device.
+    ctx[4..8].copy_from_slice(&(input.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut output = vec![0u8; 2048];
+    let mut options = TestRunOptions::new();
+    options.data_in = Some(input);
+    options.data_out = Some(&mut output);
+    options.ctx_in = Some(&ctx);
+    options.repeat = 1;
+    let result = program.test_run(options)?;
+    output.truncate(result.data_size_out as usize);
+    Ok(RunResult {
+        verdict: result.return_value,
+        output,
+        duration: result.duration,
+    })
 }
 
 /// Runs `tc_ingress` or `tc_egress` once on `input`, as if it arrived on

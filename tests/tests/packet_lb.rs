@@ -73,16 +73,72 @@ spec:
     )
 }
 
+/// Which programs translate: every scenario runs once with tc alone and
+/// once with XDP (generic, which runs on the box's veths) in front of tc:
+/// the outcomes must not differ.
+#[derive(Clone, Copy)]
+enum Datapath {
+    Tc,
+    XdpGeneric,
+}
+
+impl Datapath {
+    fn agent_args(self) -> [&'static str; 2] {
+        match self {
+            Datapath::Tc => ["--xdp-mode", "off"],
+            Datapath::XdpGeneric => ["--xdp-mode", "generic"],
+        }
+    }
+}
+
+/// `#[test]`s `tc` and `xdp_generic` in a module named after each scenario.
+macro_rules! in_both_datapaths {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[test]
+                fn tc() {
+                    super::$scenario(super::Datapath::Tc);
+                }
+
+                #[test]
+                fn xdp_generic() {
+                    super::$scenario(super::Datapath::XdpGeneric);
+                }
+            }
+        )*
+    };
+}
+
+in_both_datapaths!(
+    scenario_04_no_endpoints_refuses_at_once_from_outside_and_from_pods,
+    scenario_06_nodeport_cluster_policy_reaches_both_nodes_with_snat,
+    scenario_07_node_addresses_outside_nodeport_addresses_do_not_serve,
+    scenario_08_local_policy_keeps_the_client_source_and_drops_without_local_endpoint,
+    scenario_10_load_balancer_ip_mode_proxy_is_not_intercepted,
+    scenario_11_source_ranges_admit_inside_drop_outside_but_not_on_the_node_port,
+    scenario_12_external_ip_owned_by_no_node_is_served_where_it_is_routed,
+    scenario_18_udp_client_on_a_fixed_port_follows_a_replaced_backend,
+    scenario_19_tcp_connection_survives_endpoint_removal,
+    scenario_20_agent_killed_under_load_keeps_serving_and_catches_up_on_restart,
+);
+
 /// A test's box and its backend pods (declared first: dropped first).
 struct World {
     pods: Vec<Pod>,
     cluster: Cluster,
+    datapath: Datapath,
 }
 
 impl World {
     /// The box, backend pods `(node, name, ip)` serving [`LISTENERS`],
     /// `service` and a slice of every backend written; no agent yet.
-    fn new(prefix: &str, service: &str, backends: &[(usize, &str, &str)]) -> World {
+    fn new(
+        prefix: &str,
+        datapath: Datapath,
+        service: &str,
+        backends: &[(usize, &str, &str)],
+    ) -> World {
         assert!(
             unsafe { libc::geteuid() } == 0,
             "these tests need root (network namespaces, cgroups, BPF)"
@@ -92,21 +148,38 @@ impl World {
             .iter()
             .map(|(n, name, ip)| cluster.add_backend(*n, name, ip, &LISTENERS).unwrap())
             .collect();
-        let world = World { pods, cluster };
+        let world = World {
+            pods,
+            cluster,
+            datapath,
+        };
         world.cluster.write_manifest("svc.yaml", service).unwrap();
         let names: Vec<&str> = backends.iter().map(|(_, name, _)| *name).collect();
         world.write_endpoints(&names);
         world
     }
 
-    /// Starts both agents (default flags plus `agent_args`).
+    /// Starts both agents (default flags, the datapath's, `agent_args`).
     fn start(mut self, agent_args: &[&str]) -> World {
-        self.cluster.start_agents(agent_args).unwrap();
+        let mut args = self.datapath.agent_args().to_vec();
+        args.extend(agent_args);
+        self.cluster.start_agents(&args).unwrap();
+        if let Datapath::XdpGeneric = self.datapath {
+            for node in self.cluster.nodes() {
+                let link = node.pins().join("links/xdp_generic_eth0");
+                assert!(link.exists(), "XDP is not attached on {}", node.name());
+            }
+        }
         self
     }
 
-    fn serving(prefix: &str, service: &str, backends: &[(usize, &str, &str)]) -> World {
-        World::new(prefix, service, backends).start(&[])
+    fn serving(
+        prefix: &str,
+        datapath: Datapath,
+        service: &str,
+        backends: &[(usize, &str, &str)],
+    ) -> World {
+        World::new(prefix, datapath, service, backends).start(&[])
     }
 
     fn node(&self, n: usize) -> &Node {
@@ -241,10 +314,10 @@ fn node_port(node: &Node) -> String {
     format!("{}:{NODE_PORT}", node.ip())
 }
 
-#[test]
-fn scenario_04_no_endpoints_refuses_at_once_from_outside_and_from_pods() {
+fn scenario_04_no_endpoints_refuses_at_once_from_outside_and_from_pods(datapath: Datapath) {
     let world = World::serving(
         "epp4",
+        datapath,
         &service(
             "LoadBalancer",
             &format!("  externalIPs: [{EXTERNAL_IP}]\n"),
@@ -306,10 +379,10 @@ fn scenario_04_no_endpoints_refuses_at_once_from_outside_and_from_pods() {
     }
 }
 
-#[test]
-fn scenario_06_nodeport_cluster_policy_reaches_both_nodes_with_snat() {
+fn scenario_06_nodeport_cluster_policy_reaches_both_nodes_with_snat(datapath: Datapath) {
     let world = World::serving(
         "epp6",
+        datapath,
         &service("NodePort", "", &[]),
         &[(1, "web-1", "10.244.1.11"), (2, "web-2", "10.244.2.11")],
     );
@@ -341,10 +414,10 @@ fn scenario_06_nodeport_cluster_policy_reaches_both_nodes_with_snat() {
     }
 }
 
-#[test]
-fn scenario_07_node_addresses_outside_nodeport_addresses_do_not_serve() {
+fn scenario_07_node_addresses_outside_nodeport_addresses_do_not_serve(datapath: Datapath) {
     let world = World::new(
         "epp7",
+        datapath,
         &service("NodePort", "", &[]),
         &[(1, "web-1", "10.244.1.11")],
     );
@@ -367,7 +440,7 @@ fn scenario_07_node_addresses_outside_nodeport_addresses_do_not_serve() {
     // The same address inside the CIDRs serves: the check above can tell.
     let node1 = world.cluster.node_mut(1);
     node1.kill_agent();
-    node1.start_agent(&[]).unwrap();
+    node1.start_agent(&datapath.agent_args()).unwrap();
     let external = world.cluster.external();
     let start = Instant::now();
     loop {
@@ -383,10 +456,12 @@ fn scenario_07_node_addresses_outside_nodeport_addresses_do_not_serve() {
     }
 }
 
-#[test]
-fn scenario_08_local_policy_keeps_the_client_source_and_drops_without_local_endpoint() {
+fn scenario_08_local_policy_keeps_the_client_source_and_drops_without_local_endpoint(
+    datapath: Datapath,
+) {
     let world = World::serving(
         "epp8",
+        datapath,
         &service(
             "LoadBalancer",
             "  externalTrafficPolicy: Local\n",
@@ -444,10 +519,10 @@ fn scenario_08_local_policy_keeps_the_client_source_and_drops_without_local_endp
     );
 }
 
-#[test]
-fn scenario_10_load_balancer_ip_mode_proxy_is_not_intercepted() {
+fn scenario_10_load_balancer_ip_mode_proxy_is_not_intercepted(datapath: Datapath) {
     let world = World::serving(
         "epp10",
+        datapath,
         &service(
             "LoadBalancer",
             "",
@@ -471,10 +546,12 @@ fn scenario_10_load_balancer_ip_mode_proxy_is_not_intercepted() {
     );
 }
 
-#[test]
-fn scenario_11_source_ranges_admit_inside_drop_outside_but_not_on_the_node_port() {
+fn scenario_11_source_ranges_admit_inside_drop_outside_but_not_on_the_node_port(
+    datapath: Datapath,
+) {
     let world = World::serving(
         "epp11",
+        datapath,
         &service(
             "LoadBalancer",
             "  loadBalancerSourceRanges: [203.0.113.0/24]\n",
@@ -506,10 +583,10 @@ fn scenario_11_source_ranges_admit_inside_drop_outside_but_not_on_the_node_port(
     }
 }
 
-#[test]
-fn scenario_12_external_ip_owned_by_no_node_is_served_where_it_is_routed() {
+fn scenario_12_external_ip_owned_by_no_node_is_served_where_it_is_routed(datapath: Datapath) {
     let world = World::serving(
         "epp12",
+        datapath,
         &service(
             "ClusterIP",
             &format!("  externalIPs: [{EXTERNAL_IP}]\n"),
@@ -549,10 +626,10 @@ fn wait_for_line(client: &ClientProcess, timeout: Duration, wanted: impl Fn(&Out
     }
 }
 
-#[test]
-fn scenario_18_udp_client_on_a_fixed_port_follows_a_replaced_backend() {
+fn scenario_18_udp_client_on_a_fixed_port_follows_a_replaced_backend(datapath: Datapath) {
     let world = World::new(
         "epp18",
+        datapath,
         &service("NodePort", "", &[]),
         &[(2, "web-2", "10.244.2.11"), (1, "web-3", "10.244.1.12")],
     );
@@ -587,10 +664,10 @@ fn scenario_18_udp_client_on_a_fixed_port_follows_a_replaced_backend() {
     }
 }
 
-#[test]
-fn scenario_19_tcp_connection_survives_endpoint_removal() {
+fn scenario_19_tcp_connection_survives_endpoint_removal(datapath: Datapath) {
     let world = World::serving(
         "epp19",
+        datapath,
         &service("NodePort", "", &[]),
         &[
             (1, "web-1", "10.244.1.11"),
@@ -655,10 +732,10 @@ fn still_answering(load: &ClientProcess, more: usize, when: &str) {
     }
 }
 
-#[test]
-fn scenario_20_agent_killed_under_load_keeps_serving_and_catches_up_on_restart() {
+fn scenario_20_agent_killed_under_load_keeps_serving_and_catches_up_on_restart(datapath: Datapath) {
     let mut world = World::new(
         "epp20",
+        datapath,
         &service("NodePort", "", &[]),
         &[
             (1, "web-1", "10.244.1.11"),

@@ -11,6 +11,10 @@
 //!
 //! Every output packet must carry valid IPv4 and L4 checksums, and every
 //! counter a step does not name must stay 0 (an unexpected drop fails).
+//!
+//! Each fixture runs twice: with tc alone, and with XDP in front of tc on
+//! ingress (XDP first; what it passes, tc then gets): tc and XDP must give
+//! the same verdicts, packets, counters and tracked flows.
 
 use std::{
     collections::BTreeMap,
@@ -32,6 +36,19 @@ use serde::Deserialize;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+/// The metadata mark of a packet XDP handled (proxy-ebpf's xdp.rs).
+const XDP_HANDLED: &[u8] = b"xdp!";
+
+/// Which programs see an ingress packet.
+#[derive(Clone, Copy, Debug)]
+enum Ingress {
+    Tc,
+    XdpThenTc,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -127,10 +144,12 @@ fn tc_packet_fixtures() {
                 let mut failures = Vec::new();
                 for file in &files {
                     let name = file.file_stem().unwrap().to_string_lossy().into_owned();
-                    if let Err(err) = run_fixture(file, netns.ifindex) {
-                        failures.push(format!("{name}: {err:#}"));
-                    } else {
-                        eprintln!("fixture {name}: ok");
+                    for ingress in [Ingress::Tc, Ingress::XdpThenTc] {
+                        if let Err(err) = run_fixture(file, netns.ifindex, ingress) {
+                            failures.push(format!("{name} ({ingress:?}): {err:#}"));
+                        } else {
+                            eprintln!("fixture {name} ({ingress:?}): ok");
+                        }
                     }
                 }
                 failures
@@ -148,7 +167,7 @@ fn tc_packet_fixtures() {
     eprintln!("{} fixtures passed", files.len());
 }
 
-fn run_fixture(file: &Path, ifindex: u32) -> anyhow::Result<()> {
+fn run_fixture(file: &Path, ifindex: u32, ingress: Ingress) -> anyhow::Result<()> {
     let text = fs::read_to_string(file)?;
     let fixture: Fixture = serde_yaml::from_str(&text)?;
     anyhow::ensure!(!fixture.about.is_empty(), "say what the fixture proves");
@@ -161,7 +180,7 @@ fn run_fixture(file: &Path, ifindex: u32) -> anyhow::Result<()> {
     tc::fill_maps(&mut ebpf, &fixture.maps)?;
     let mut snat_port: Option<u16> = None;
     for (index, step) in fixture.steps.iter().enumerate() {
-        run_step(&mut ebpf, step, ifindex, &mut snat_port)
+        run_step(&mut ebpf, step, ifindex, ingress, &mut snat_port)
             .map_err(|err| err.context(format!("step {}", index + 1)))?;
     }
     Ok(())
@@ -189,6 +208,7 @@ fn run_step(
     ebpf: &mut Ebpf,
     step: &Step,
     ifindex: u32,
+    ingress: Ingress,
     snat_port: &mut Option<u16>,
 ) -> anyhow::Result<()> {
     let input = tc::build_packet(&step.packet, *snat_port)?;
@@ -198,14 +218,28 @@ fn run_step(
         "egress" => "tc_egress",
         other => anyhow::bail!("unknown program {other}"),
     };
-    let result = tc::run(ebpf, program, &input, ifindex)?;
-    let output = result.output;
-
-    let verdict = match result.verdict {
-        TC_ACT_OK => "pass",
-        TC_ACT_SHOT => "drop",
-        TC_ACT_REDIRECT => "redirect",
-        other => anyhow::bail!("unexpected verdict {other}"),
+    let (verdict, output) = match (program, ingress) {
+        ("tc_ingress", Ingress::XdpThenTc) => {
+            let xdp = tc::run_xdp(ebpf, &input, ifindex)?;
+            match xdp.verdict {
+                XDP_PASS => {
+                    // The test run's output starts with XDP's metadata: a
+                    // packet XDP marked as handled, tc passes unlooked-at.
+                    let meta_len = xdp.output.len().saturating_sub(input.len());
+                    let (meta, packet) = xdp.output.split_at(meta_len);
+                    if meta == XDP_HANDLED {
+                        ("pass", packet.to_vec())
+                    } else {
+                        anyhow::ensure!(meta.is_empty(), "unknown XDP metadata {meta:02x?}");
+                        tc_verdict(tc::run(ebpf, program, packet, ifindex)?)?
+                    }
+                }
+                XDP_DROP => ("drop", xdp.output),
+                XDP_TX | XDP_REDIRECT => ("redirect", xdp.output),
+                other => anyhow::bail!("unexpected XDP verdict {other}"),
+            }
+        }
+        _ => tc_verdict(tc::run(ebpf, program, &input, ifindex)?)?,
     };
     anyhow::ensure!(
         verdict == step.expect.verdict,
@@ -235,6 +269,16 @@ fn run_step(
         anyhow::ensure!(flows == want, "{flows} flows tracked, expected {want}");
     }
     Ok(())
+}
+
+fn tc_verdict(result: tc::RunResult) -> anyhow::Result<(&'static str, Vec<u8>)> {
+    let verdict = match result.verdict {
+        TC_ACT_OK => "pass",
+        TC_ACT_SHOT => "drop",
+        TC_ACT_REDIRECT => "redirect",
+        other => anyhow::bail!("unexpected verdict {other}"),
+    };
+    Ok((verdict, result.output))
 }
 
 fn tcp_flag_names(tcp: &etherparse::TcpHeader) -> Vec<&'static str> {

@@ -11,7 +11,8 @@ use std::{
 
 /// LLVM 22 matches the nightly's LLVM (bpf-linker links against it).
 /// iptables and nftables: `cargo xtask bench` compares against kube-proxy's
-/// rule layouts (loaded inside the bench's own namespaces only).
+/// rule layouts (loaded inside the bench's own namespaces only). ethtool:
+/// the cluster box turns on GRO where XDP sends frames into a veth.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    "ethtool",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release that builds with this toolchain and LLVM 22 (a

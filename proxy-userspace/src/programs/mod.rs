@@ -28,8 +28,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, PinnedLink},
         tc::TcAttachOptions,
+        xdp::{XdpLink, XdpMode as AyaXdpMode},
     },
 };
 use proxy_common::{map_names, map_sizes};
@@ -52,6 +54,59 @@ pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
     ("tc_ingress", TcAttachType::Ingress),
     ("tc_egress", TcAttachType::Egress),
 ];
+
+/// The XDP program, attached to every device in the `--xdp-mode` asked.
+pub const XDP_PROGRAM: &str = "xdp_ingress";
+
+/// How XDP runs on the devices (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    /// Native on devices backed by hardware; off on virtual ones (veth,
+    /// bridge, bond, VLAN), where native XDP sending a packet back out
+    /// depends on the other end (a veth peer must run NAPI) and a generic
+    /// hook is slower than tc.
+    Auto,
+    /// In the driver, before an skb exists; a device whose driver cannot
+    /// is served by tc alone (one log line).
+    Native,
+    /// In the kernel's generic hook (any device; slower than native).
+    Generic,
+    /// No XDP: tc does everything.
+    Off,
+}
+
+impl XdpMode {
+    /// The mode `device` gets: `Auto` resolved by whether the device has
+    /// hardware behind it.
+    fn for_device(self, device: &str) -> XdpMode {
+        match self {
+            XdpMode::Auto if crate::host::has_hardware(device) => XdpMode::Native,
+            XdpMode::Auto => {
+                tracing::info!(
+                    %device,
+                    "virtual device: XDP off (tc serves it; --xdp-mode native or generic to force)"
+                );
+                XdpMode::Off
+            }
+            mode => mode,
+        }
+    }
+
+    fn pin_prefix(self) -> Option<&'static str> {
+        match self {
+            XdpMode::Native => Some("xdp_native"),
+            XdpMode::Generic => Some("xdp_generic"),
+            XdpMode::Auto | XdpMode::Off => None,
+        }
+    }
+
+    fn aya_mode(self) -> AyaXdpMode {
+        match self {
+            XdpMode::Generic => AyaXdpMode::Skb,
+            XdpMode::Auto | XdpMode::Native | XdpMode::Off => AyaXdpMode::Driver,
+        }
+    }
+}
 
 const MAPS_DIR: &str = "maps";
 const STAGING_DIR: &str = "maps_next";
@@ -173,10 +228,11 @@ impl Datapath {
         self.migrating
     }
 
-    /// Attaches the socket programs to `cgroup` and the tc programs to each
-    /// of `devices`, replacing the links a previous agent left; links of
-    /// devices no longer listed are removed.
-    pub fn attach(&mut self, cgroup: &Path, devices: &[String]) -> Result<()> {
+    /// Attaches the socket programs to `cgroup`, and the tc programs and
+    /// (in `xdp` mode) the XDP program to each of `devices`, replacing the
+    /// links a previous agent left; links of devices no longer listed, or
+    /// of another XDP mode, are removed.
+    pub fn attach(&mut self, cgroup: &Path, devices: &[String], xdp: XdpMode) -> Result<()> {
         check_cgroup2(cgroup)?;
         let links = self.bpffs.join(LINKS_DIR);
         let cgroup_dir =
@@ -213,7 +269,56 @@ impl Datapath {
                 wanted.push(pin);
             }
         }
+        for device in devices {
+            let mode = xdp.for_device(device);
+            if let Some(prefix) = mode.pin_prefix() {
+                let pin = format!("{prefix}_{device}");
+                if self.attach_xdp(device, mode, &links.join(&pin))? {
+                    wanted.push(pin);
+                }
+            }
+        }
         remove_links_except(&links, &wanted)
+    }
+
+    /// Runs the XDP program on `device`: on the link a previous agent
+    /// pinned there in this mode (replaced atomically), or on a new one.
+    /// False, with one log line, when the device cannot run it (tc serves
+    /// the device alone; the agent never fails over XDP).
+    fn attach_xdp(&mut self, device: &str, mode: XdpMode, pin: &Path) -> Result<bool> {
+        let program: &mut Xdp = program(&mut self.ebpf, XDP_PROGRAM)?;
+        if let Ok(pinned) = PinnedLink::from_pin(pin) {
+            let link = XdpLink::try_from(FdLink::from(pinned));
+            match link.map(|link| program.attach_to_link(link)) {
+                Ok(Ok(_)) => return Ok(true),
+                Ok(Err(err)) => {
+                    tracing::warn!(%device, error = %err, "cannot update the pinned XDP link; attaching anew")
+                }
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "pinned XDP link unusable; attaching anew")
+                }
+            }
+            remove_if_present(pin)?;
+        }
+        let attached = program
+            .attach(device, mode.aya_mode())
+            .map_err(anyhow::Error::from)
+            .and_then(|link_id| Ok(FdLink::try_from(program.take_link(link_id)?)?));
+        match attached {
+            Ok(link) => {
+                pin_replacing(link, pin)?;
+                Ok(true)
+            }
+            Err(err) => {
+                tracing::warn!(
+                    %device,
+                    ?mode,
+                    error = %format!("{err:#}"),
+                    "XDP cannot run on this device; tc serves it alone"
+                );
+                Ok(false)
+            }
+        }
     }
 
     /// The new maps become `<bpffs>/maps/`; the old ones, which no attached
@@ -288,6 +393,9 @@ fn load_with(loader: &mut EbpfLoader, capacities: &Capacities) -> Result<Ebpf> {
             .load()
             .with_context(|| format!("loading program {name} (verifier log above, if any)"))?;
     }
+    let xdp: &mut Xdp = program(&mut ebpf, XDP_PROGRAM)?;
+    xdp.load()
+        .with_context(|| format!("loading program {XDP_PROGRAM} (verifier log above, if any)"))?;
     Ok(ebpf)
 }
 
@@ -382,7 +490,7 @@ fn default_route_in(routes: &str) -> Option<String> {
 /// Fails with a clear message when a device does not exist here.
 pub fn check_devices(devices: &[String]) -> Result<()> {
     for device in devices {
-        if !Path::new("/sys/class/net").join(device).exists() {
+        if crate::host::interface_index(device).is_none() {
             bail!(
                 "--devices: no network device {device:?} in this network namespace (see `ip link`)"
             );
