@@ -207,7 +207,7 @@ mod tests {
     }
 
     #[test]
-    fn every_backend_gets_its_share_of_the_table() {
+    fn rule_08_every_backend_gets_its_share_of_the_table() {
         for n in [1, 2, 3, 10, 100, 1000] {
             let set = backends(n);
             let mut counts: BTreeMap<BackendAddr, usize> = BTreeMap::new();
