@@ -31,6 +31,7 @@ use crate::{
         ClusterSnapshot, DesiredState, NodePortAddresses,
         desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
         desired_state,
+        maglev::TableSize,
     },
     programs,
     reconciler::{Reconciler, SyncReport},
@@ -64,6 +65,8 @@ pub struct AgentConfig {
     /// A change waiting longer than this, or a source failing longer than
     /// this, makes /healthz fail.
     pub health_timeout: Duration,
+    /// Entries of each Maglev table (external flows' backend choice).
+    pub maglev_table_size: TableSize,
 }
 
 /// How soon a sync that failed part-way is tried again.
@@ -99,7 +102,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     programs::check_devices(&config.devices)?;
     let mut datapath = programs::Datapath::load(&config.bpffs, &config.capacities)?;
     let maps = PinnedMaps::open_in(datapath.maps_dir()).context("opening the pinned maps")?;
-    let mut reconciler = Reconciler::new(maps).context("reading back the pinned maps")?;
+    let mut reconciler = Reconciler::new(maps)
+        .context("reading back the pinned maps")?
+        .with_maglev_table_size(config.maglev_table_size);
     // New maps (a migration) are filled before any program uses them.
     if !datapath.migrating() {
         datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
@@ -110,6 +115,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         devices = %config.devices.join(","),
         frontends = reconciler.frontend_count(),
         migrating = datapath.migrating(),
+        maglev_table_size = %config.maglev_table_size,
         "datapath loaded"
     );
     let mut servers = tokio::spawn(serve_endpoints(
@@ -415,6 +421,8 @@ fn log_report(report: &SyncReport, service_ports: usize) {
         backends_deleted = report.backends_deleted,
         source_ranges_written = report.source_ranges_written,
         source_ranges_deleted = report.source_ranges_deleted,
+        maglev_tables_written = report.maglev_tables_written,
+        maglev_tables_deleted = report.maglev_tables_deleted,
         complete = report.is_complete(),
         "synced"
     );

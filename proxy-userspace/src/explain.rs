@@ -2,25 +2,27 @@
 //! the node, read from the pinned maps, without sending a packet. It checks
 //! in the order the tc programs do: a conntrack entry for exactly that
 //! flow, then the new-flow decision, which is
-//! [`proxy_common::lb::new_flow`] itself, so the two cannot drift. A
-//! destination that is no external frontend is also looked up at socket
-//! level, where clients on this node are translated.
+//! [`proxy_common::lb::new_flow`] itself, so the two cannot drift, and
+//! the backend the frontend's Maglev table gives the flow (the same
+//! [`proxy_common::flow_hash`] and slot as the programs). A destination
+//! that is no external frontend is also looked up at socket level, where
+//! clients on this node are translated.
 
 use std::{fmt::Write as _, net::SocketAddrV4, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
+use aya::maps::{Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, lpm_trie::Key as LpmKey};
 use proxy_common::{
-    Backend, Counter, CtEntry, Flow4, RevNat, ServiceKey, ServiceValue, SourceRange, backend_flags,
-    ct_state,
+    Backend, Counter, CtEntry, Flow4, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRange,
+    backend_flags, ct_state, flow_hash,
     lb::{LbMaps, NewFlow, new_flow, slot_backend},
-    map_names, proto, scope, service_flags,
+    maglev, map_names, proto, scope, service_flags,
 };
 use serde::Serialize;
 
 use crate::{
     conntrack::{endpoint, flows::FlowRow, flows::flow_row, monotonic_coarse_ns, protocol_name},
-    maps::{codec, open_pinned},
+    maps::{codec, open_pinned, pin_path},
     model::Protocol,
 };
 
@@ -29,6 +31,9 @@ pub trait ExplainMaps: LbMaps {
     /// The conntrack entry of exactly this flow (client -> frontend).
     fn tracked(&self, flow: &Flow4) -> Option<CtEntry>;
     fn rev_nat(&self, id: u32) -> Option<RevNat>;
+    /// Entry `index` of the Maglev table under `key` (entry 0 holds its
+    /// size M); `None` without that table or entry.
+    fn maglev_entry(&self, key: &MaglevKey, index: u32) -> Option<u32>;
 }
 
 /// What happens to the flow.
@@ -96,6 +101,20 @@ pub struct BackendChoice {
     pub nat: Option<&'static str>,
 }
 
+/// The backend the frontend's Maglev table gives a new flow.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct MaglevPick {
+    /// The flow's slot, `1..=size`.
+    pub slot: u32,
+    /// The table's size M.
+    pub size: u32,
+    /// `None` when the table has no such slot; the programs then pick a
+    /// backend at random.
+    pub id: Option<u32>,
+    /// `None` when the backend entry is missing.
+    pub backend: Option<SocketAddrV4>,
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Explanation {
     pub src: SocketAddrV4,
@@ -105,6 +124,8 @@ pub struct Explanation {
     pub reason: String,
     pub frontend: Option<FrontendMatch>,
     pub backends: Vec<BackendChoice>,
+    /// What the Maglev table picks, for a new flow to a frontend with one.
+    pub maglev: Option<MaglevPick>,
     /// The conntrack entry, for a tracked flow.
     pub tracked: Option<FlowRow>,
 }
@@ -130,6 +151,7 @@ pub fn explain_flow<M: ExplainMaps>(maps: &M, flow: &Flow4, now_ns: u64) -> Expl
         reason: String::new(),
         frontend: None,
         backends: Vec::new(),
+        maglev: None,
         tracked: None,
     };
     if let Some(entry) = maps.tracked(flow) {
@@ -162,12 +184,14 @@ pub fn explain_flow<M: ExplainMaps>(maps: &M, flow: &Flow4, now_ns: u64) -> Expl
         ),
         NewFlow::Balance(key, master) => {
             explanation.backends = backends(maps, &key, &master, true);
+            explanation.maglev = maglev_pick(maps, &master, flow);
             (
                 Verdict::Translate,
                 format!(
-                    "new flow: translated to one of {} backends{}",
+                    "new flow: translated to one of {} backends{}; {}",
                     master.count,
-                    affinity(&master)
+                    affinity(&master),
+                    maglev_reason(explanation.maglev.as_ref(), &master),
                 ),
             )
         }
@@ -178,6 +202,52 @@ pub fn explain_flow<M: ExplainMaps>(maps: &M, flow: &Flow4, now_ns: u64) -> Expl
         .service(&external)
         .map(|master| frontend_match(&master, scope::EXTERNAL));
     explanation
+}
+
+/// The slot of `flow`'s hash in the master's Maglev table, and its backend.
+fn maglev_pick<M: ExplainMaps>(
+    maps: &M,
+    master: &ServiceValue,
+    flow: &Flow4,
+) -> Option<MaglevPick> {
+    let key = codec::maglev_key(master);
+    let size = maps.maglev_entry(&key, 0).filter(|size| *size > 0)?;
+    let slot = maglev::slot(flow_hash(flow), size);
+    let id = maps.maglev_entry(&key, slot);
+    let backend = id
+        .and_then(|id| maps.backend(id))
+        .map(|backend| endpoint(backend.addr, backend.port));
+    Some(MaglevPick {
+        slot,
+        size,
+        id,
+        backend,
+    })
+}
+
+fn maglev_reason(pick: Option<&MaglevPick>, master: &ServiceValue) -> String {
+    let Some(pick) = pick else {
+        return "no Maglev table: a backend at random".to_string();
+    };
+    let unless = match master.affinity_timeout {
+        0 => "",
+        _ => "for a client without a fresh affinity entry, ",
+    };
+    match (pick.id, pick.backend) {
+        (Some(id), Some(backend)) => format!(
+            "{unless}Maglev picks backend {backend}#{id} (slot {} of {})",
+            pick.slot, pick.size
+        ),
+        (Some(id), None) => format!(
+            "{unless}Maglev picks backend #{id} (slot {} of {}), whose entry is missing: the \
+             flow is refused (missing_backend)",
+            pick.slot, pick.size
+        ),
+        (None, _) => format!(
+            "{unless}Maglev slot {} of {} is missing: a backend at random",
+            pick.slot, pick.size
+        ),
+    }
 }
 
 fn tracked_reason(row: &FlowRow, state: u8) -> String {
@@ -375,6 +445,8 @@ pub struct PinnedLbMaps {
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     conntrack: HashMap<MapData, Flow4, CtEntry>,
     rev_nat: HashMap<MapData, u32, RevNat>,
+    /// `None` under the pins of an agent that predates Maglev tables.
+    maglev: Option<HashOfMaps<MapData, MaglevKey, Array<MapData, u32>>>,
 }
 
 impl PinnedLbMaps {
@@ -389,6 +461,12 @@ impl PinnedLbMaps {
             source_ranges: LpmTrie::try_from(Map::LpmTrie(open(map_names::SOURCE_RANGES)?))?,
             conntrack: HashMap::try_from(Map::LruHashMap(open(map_names::CONNTRACK)?))?,
             rev_nat: HashMap::try_from(Map::HashMap(open(map_names::REV_NAT)?))?,
+            maglev: match pin_path(bpffs, map_names::MAGLEV).exists() {
+                true => Some(HashOfMaps::try_from(Map::HashOfMaps(open(
+                    map_names::MAGLEV,
+                )?))?),
+                false => None,
+            },
         })
     }
 }
@@ -420,6 +498,10 @@ impl ExplainMaps for PinnedLbMaps {
 
     fn rev_nat(&self, id: u32) -> Option<RevNat> {
         self.rev_nat.get(&id, 0).ok()
+    }
+
+    fn maglev_entry(&self, key: &MaglevKey, index: u32) -> Option<u32> {
+        self.maglev.as_ref()?.get(key, 0).ok()?.get(&index, 0).ok()
     }
 }
 
@@ -454,6 +536,7 @@ mod tests {
         source_ranges: Vec<(u32, Ipv4Net)>,
         conntrack: BTreeMap<Flow4, CtEntry>,
         rev_nat: BTreeMap<u32, RevNat>,
+        maglev: BTreeMap<MaglevKey, Vec<u32>>,
     }
 
     impl LbMaps for MemoryMaps {
@@ -477,6 +560,9 @@ mod tests {
         }
         fn rev_nat(&self, id: u32) -> Option<RevNat> {
             self.rev_nat.get(&id).copied()
+        }
+        fn maglev_entry(&self, key: &MaglevKey, index: u32) -> Option<u32> {
+            self.maglev.get(key)?.get(index as usize).copied()
         }
     }
 
@@ -588,7 +674,7 @@ mod tests {
         assert_eq!(
             explanation.reason,
             "new flow: translated to one of 2 backends; ClientIP affinity: a client keeps its \
-             backend for 10800s"
+             backend for 10800s; no Maglev table: a backend at random"
         );
         assert_eq!(
             explanation.frontend,
@@ -622,9 +708,58 @@ mod tests {
             "FLOW      203.0.113.7:40000 -> 192.168.1.10:30080 TCP\n\
              VERDICT   translate\n\
              WHY       new flow: translated to one of 2 backends; ClientIP affinity: a client \
-             keeps its backend for 10800s\n\
+             keeps its backend for 10800s; no Maglev table: a backend at random\n\
              FRONTEND  external scope, rev-NAT id 5, service port id 3, affinity 10800s\n\
              BACKENDS  10.244.1.11:8080#11 DNAT\n          10.244.2.12:8080#12 DNAT+SNAT\n"
+        );
+    }
+
+    #[test]
+    fn a_new_flow_to_a_frontend_with_a_maglev_table_gets_the_backend_of_its_slot() {
+        let mut maps = MemoryMaps::node();
+        let key = node_port_key(proto::TCP, scope::EXTERNAL);
+        let table_key = codec::maglev_key(&maps.services[&key]);
+        let flow = to_node_port(CLIENT);
+        // M = 7: backend 12 in the flow's slot only.
+        let slot = maglev::slot(flow_hash(&flow), 7);
+        let mut table = vec![7, 11, 11, 11, 11, 11, 11, 11];
+        table[slot as usize] = 12;
+        maps.maglev.insert(table_key, table);
+
+        let explanation = explain_flow(&maps, &flow, NOW);
+        assert_eq!(explanation.verdict, Verdict::Translate);
+        assert_eq!(
+            explanation.maglev,
+            Some(MaglevPick {
+                slot,
+                size: 7,
+                id: Some(12),
+                backend: Some("10.244.2.12:8080".parse().unwrap()),
+            })
+        );
+        assert_eq!(
+            explanation.reason,
+            format!(
+                "new flow: translated to one of 2 backends; Maglev picks backend \
+                 10.244.2.12:8080#12 (slot {slot} of 7)"
+            )
+        );
+        assert_eq!(
+            serde_json::to_value(&explanation).unwrap()["maglev"]["backend"],
+            "10.244.2.12:8080"
+        );
+
+        // Affinity is looked up first.
+        maps.services.get_mut(&key).unwrap().affinity_timeout = 60;
+        assert!(explain_flow(&maps, &flow, NOW).reason.ends_with(&format!(
+            "for a client without a fresh affinity entry, Maglev picks backend \
+                 10.244.2.12:8080#12 (slot {slot} of 7)"
+        )));
+        maps.backends.remove(&12);
+        assert!(
+            explain_flow(&maps, &flow, NOW)
+                .reason
+                .contains("whose entry is missing: the flow is refused (missing_backend)")
         );
     }
 

@@ -12,7 +12,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use proxy_userspace::{
     agent, conntrack, explain, host, inspect,
-    model::{NodePortAddresses, Protocol},
+    model::{NodePortAddresses, Protocol, maglev::TableSize},
     programs::{self, Capacities},
 };
 
@@ -106,6 +106,12 @@ struct AgentArgs {
     /// Reply/NAT entries of tracked flows (LRU, preallocated).
     #[arg(long, default_value_t = Capacities::default().nat)]
     nat_entries: u32,
+    /// Entries M of each Maglev table, which picks the backend of new flows
+    /// from outside the node: a prime, at most 131071. Each table takes
+    /// M x 4 bytes; the more entries per backend (aim for 100 or more), the
+    /// fewer flows move when backends change.
+    #[arg(long, default_value_t = TableSize::default(), value_parser = parse_maglev_table_size)]
+    maglev_table_size: TableSize,
     /// Address of /metrics (Prometheus text).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
@@ -271,6 +277,11 @@ fn parse_nodeport_addresses(value: &str) -> Result<NodePortAddresses, String> {
     Ok(NodePortAddresses::Cidrs(cidrs))
 }
 
+fn parse_maglev_table_size(value: &str) -> Result<TableSize, String> {
+    let entries = value.parse().map_err(|err| format!("{value:?}: {err}"))?;
+    TableSize::new(entries).map_err(|err| err.to_string())
+}
+
 fn run_agent(args: AgentArgs) -> Result<()> {
     let node_name = match args.hostname_override {
         Some(name) => name,
@@ -311,10 +322,53 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             nat: args.nat_entries,
         },
         health_timeout: args.health_timeout,
+        maglev_table_size: args.maglev_table_size,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    fn agent_args(extra: &[&str]) -> Result<AgentArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["ebpf-proxy", "agent"].iter().chain(extra))?;
+        match cli.command {
+            Command::Agent(args) => Ok(*args),
+            _ => unreachable!("parsed an agent command"),
+        }
+    }
+
+    #[test]
+    fn maglev_table_size_defaults_and_must_be_a_prime_within_the_limit() {
+        assert_eq!(
+            agent_args(&[]).unwrap().maglev_table_size,
+            TableSize::default()
+        );
+        assert_eq!(
+            agent_args(&["--maglev-table-size", "251"])
+                .unwrap()
+                .maglev_table_size
+                .get(),
+            251
+        );
+        for (value, why) in [
+            ("16380", "16380 is not a prime"),
+            ("0", "0 is outside 1..=131071"),
+            ("131101", "131101 is outside 1..=131071"),
+            ("many", "\"many\": invalid digit"),
+        ] {
+            let Err(err) = agent_args(&["--maglev-table-size", value]) else {
+                panic!("--maglev-table-size {value} accepted");
+            };
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
+            assert!(err.to_string().contains(why), "{value}: {err}");
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData};
+use aya::maps::{HashMap, HashOfMaps, LpmTrie, Map, MapData};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -22,8 +22,8 @@ use prometheus_client::{
     registry::Registry,
 };
 use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, RevNat,
-    ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_names,
+    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, MaglevKey,
+    RevNat, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_names,
 };
 
 use crate::{
@@ -264,7 +264,7 @@ type CountEntries = fn(Map) -> Option<u64>;
 
 /// Every map with a fill level, and how to count its entries (all but the
 /// per-CPU counters, an array).
-const FILLED_MAPS: [(&str, CountEntries); 9] = [
+const FILLED_MAPS: [(&str, CountEntries); 10] = [
     (map_names::SERVICES, count_hash::<ServiceKey, ServiceValue>),
     (map_names::BACKENDS, count_hash::<u32, Backend>),
     (map_names::REV_NAT, count_hash::<u32, RevNat>),
@@ -283,11 +283,18 @@ const FILLED_MAPS: [(&str, CountEntries); 9] = [
     ),
     (map_names::CONNTRACK, count_hash::<Flow4, CtEntry>),
     (map_names::CT_REPLY, count_hash::<Flow4, CtReply>),
+    (map_names::MAGLEV, count_tables),
 ];
 
 /// Entries of a hash or LRU hash map.
 fn count_hash<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<u64> {
     let map: HashMap<MapData, K, V> = HashMap::try_from(map).ok()?;
+    Some(map.keys().filter(Result::is_ok).count() as u64)
+}
+
+/// Maglev tables (one entry per table, whatever its size).
+fn count_tables(map: Map) -> Option<u64> {
+    let map: HashOfMaps<MapData, MaglevKey, MapData> = HashOfMaps::try_from(map).ok()?;
     Some(map.keys().filter(Result::is_ok).count() as u64)
 }
 

@@ -43,8 +43,8 @@ use std::{
 };
 
 use crate::{
-    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, datapath_counters, datapath_services,
-    host_in, json_lines, manifests, run_checked, start_server_in, veth_pair,
+    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, datapath_counters, datapath_explain,
+    datapath_services, host_in, json_lines, manifests, run_checked, start_server_in, veth_pair,
 };
 
 /// The router's address on the LAN.
@@ -260,6 +260,12 @@ impl Node {
     /// What the datapath holds (`ebpf-proxy services --output json`).
     pub fn services(&self) -> Result<Vec<Value>> {
         datapath_services(self.pins.path())
+    }
+
+    /// What this node's datapath does with the flow `src -> dst` from
+    /// outside ([`datapath_explain`]).
+    pub fn explain(&self, src: &str, dst: &str, proto: &str) -> Result<Value> {
+        datapath_explain(self.pins.path(), src, dst, proto)
     }
 
     /// The datapath's counters (`ebpf-proxy counters --output json`).

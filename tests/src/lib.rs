@@ -575,6 +575,25 @@ pub fn datapath_services(pins: &Path) -> Result<Vec<serde_json::Value>> {
     serde_json::from_str(&out).with_context(|| format!("services of {}", pins.display()))
 }
 
+/// `ebpf-proxy explain --output json --bpffs PINS --src SRC --dst DST
+/// --proto PROTO` (addresses `ADDR:PORT`, `tcp` or `udp`): what the
+/// datapath does with that flow from outside (verdict, reason, backends,
+/// Maglev pick).
+pub fn datapath_explain(
+    pins: &Path,
+    src: &str,
+    dst: &str,
+    proto: &str,
+) -> Result<serde_json::Value> {
+    let out = run_checked(
+        Command::new(agent_bin())
+            .args(["explain", "--output", "json", "--src", src, "--dst", dst])
+            .args(["--proto", proto, "--bpffs"])
+            .arg(pins),
+    )?;
+    serde_json::from_str(&out).with_context(|| format!("explain {src} -> {dst} {proto}"))
+}
+
 /// `ebpf-proxy counters --output json --bpffs PINS` as name -> value.
 pub fn datapath_counters(pins: &Path) -> Result<BTreeMap<String, u64>> {
     #[derive(serde::Deserialize)]

@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::Key;
 use ipnet::Ipv4Net;
-use proxy_common::{Backend, RevNat, ServiceKey, SourceRange, backend_flags, proto, scope};
+use proxy_common::{
+    Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRange, backend_flags, proto, scope,
+};
 
 use crate::model::{BackendAddr, Frontend, Protocol};
 
@@ -110,6 +112,23 @@ pub fn rev_nat(frontend: &Frontend) -> RevNat {
         port: port_to_map(frontend.port),
         _pad0: 0,
     }
+}
+
+/// The key of the Maglev table an external master's new flows use.
+pub fn maglev_key(master: &ServiceValue) -> MaglevKey {
+    MaglevKey {
+        svc_id: master.svc_id,
+        selection: u32::from(master.selection),
+    }
+}
+
+/// A Maglev table as the datapath reads it: its size M, then the ids of
+/// the backends in slots `1..=M`.
+pub fn maglev_table(backend_ids: &[u32]) -> Vec<u32> {
+    let size = u32::try_from(backend_ids.len()).unwrap_or(u32::MAX);
+    std::iter::once(size)
+        .chain(backend_ids.iter().copied())
+        .collect()
 }
 
 /// An entry of `lb4_src_ranges`: new external flows to the frontend with

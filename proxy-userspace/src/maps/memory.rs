@@ -5,7 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
 use proxy_common::{
-    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names, scope, service_flags,
+    AffinityMatchKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, map_names, scope,
+    service_flags,
 };
 
 use super::{Capacity, Datapath, DatapathError, codec, codec::SourceRangeEntry};
@@ -23,15 +24,18 @@ pub enum Write {
     DeleteSourceRange(SourceRangeEntry),
     PutAffinityMatch(AffinityMatchKey),
     DeleteAffinityMatch(AffinityMatchKey),
+    PutMaglevTable(MaglevKey, Vec<u32>),
+    DeleteMaglevTable(MaglevKey),
 }
 
 /// Maps with room for everything a test writes.
-const UNLIMITED: Capacity = Capacity {
+pub const UNLIMITED: Capacity = Capacity {
     services: usize::MAX,
     backends: usize::MAX,
     rev_nat: usize::MAX,
     source_ranges: usize::MAX,
     affinity_match: usize::MAX,
+    maglev_tables: usize::MAX,
 };
 
 #[derive(Debug, Default)]
@@ -41,6 +45,8 @@ pub struct MemoryDatapath {
     pub rev_nat: BTreeMap<u32, RevNat>,
     pub source_ranges: BTreeSet<SourceRangeEntry>,
     pub affinity_match: BTreeSet<AffinityMatchKey>,
+    /// Maglev tables as written: `[M, backend ids...]`.
+    pub maglev: BTreeMap<MaglevKey, Vec<u32>>,
     pub writes: Vec<Write>,
     /// When set, inserting a new services key beyond this many fails (a
     /// map the reconciler believed had room refuses the write).
@@ -60,6 +66,7 @@ impl MemoryDatapath {
             rev_nat: self.rev_nat.clone(),
             source_ranges: self.source_ranges.clone(),
             affinity_match: self.affinity_match.clone(),
+            maglev: self.maglev.clone(),
             ..MemoryDatapath::default()
         }
     }
@@ -77,6 +84,8 @@ impl MemoryDatapath {
             Write::DeleteSourceRange(range) => self.delete_source_range(range),
             Write::PutAffinityMatch(key) => self.put_affinity_match(*key),
             Write::DeleteAffinityMatch(key) => self.delete_affinity_match(key),
+            Write::PutMaglevTable(key, table) => self.put_maglev_table(*key, table),
+            Write::DeleteMaglevTable(key) => self.delete_maglev_table(key),
         }
     }
 
@@ -84,8 +93,10 @@ impl MemoryDatapath {
     /// concurrent reader may rely on: every master's slots exist and point
     /// at existing backends; a frontend's master names its rev-NAT entry;
     /// a master checking source ranges has some; affinity pairs exist for
-    /// the backends an affinity master selects; rule 9 wildcards (port 0)
-    /// have neither count, slots nor ids.
+    /// the backends an affinity master selects; an external master with
+    /// backends has its Maglev table, and every table holds its size M
+    /// and M ids of existing backends; rule 9 wildcards (port 0) have
+    /// neither count, slots nor ids.
     pub fn check_consistent(&self) -> Result<(), String> {
         for (key, value) in self.services.iter().filter(|(key, _)| key.slot == 0) {
             if codec::is_cluster_ip_wildcard(key) {
@@ -130,14 +141,37 @@ impl MemoryDatapath {
                     }
                 }
             }
+            let table = codec::maglev_key(value);
+            if key.scope == scope::EXTERNAL && value.count > 0 && !self.maglev.contains_key(&table)
+            {
+                return Err(format!("{key:?}: Maglev table {table:?} missing"));
+            }
+        }
+        for (key, table) in &self.maglev {
+            let Some((size, backend_ids)) = table.split_first() else {
+                return Err(format!("Maglev table {key:?}: empty"));
+            };
+            if *size == 0 || *size as usize != backend_ids.len() {
+                return Err(format!(
+                    "Maglev table {key:?}: M = {size} with {} entries",
+                    backend_ids.len()
+                ));
+            }
+            if let Some(id) = backend_ids
+                .iter()
+                .find(|id| !self.backends.contains_key(id))
+            {
+                return Err(format!("Maglev table {key:?}: backend {id} missing"));
+            }
         }
         Ok(())
     }
 
     /// What a complete sync leaves besides [`Self::check_consistent`]:
     /// nothing stray. Every slot within its master's count, every rev-NAT
-    /// entry, source range, affinity pair and backend used by a master, and
-    /// a frontend's two scopes agree on its ids.
+    /// entry, source range, affinity pair, Maglev table and backend used by
+    /// a master, a table holding only backends its masters select, and a
+    /// frontend's two scopes agree on its ids.
     pub fn check_settled(&self) -> Result<(), String> {
         self.check_consistent()?;
         for key in self.services.keys().filter(|key| key.slot != 0) {
@@ -197,6 +231,24 @@ impl MemoryDatapath {
         }
         if let Some(id) = self.backends.keys().find(|id| !selected.contains(id)) {
             return Err(format!("backend {id}: no slot refers to it"));
+        }
+        for (table_key, table) in &self.maglev {
+            let mut selected = BTreeSet::new();
+            for (key, master) in masters.iter().filter(|(key, master)| {
+                key.scope == scope::EXTERNAL
+                    && master.count > 0
+                    && codec::maglev_key(master) == *table_key
+            }) {
+                selected.extend(self.slots(key, master)?);
+            }
+            if selected.is_empty() {
+                return Err(format!("Maglev table {table_key:?}: no master uses it"));
+            }
+            if let Some(id) = table[1..].iter().find(|id| !selected.contains(id)) {
+                return Err(format!(
+                    "Maglev table {table_key:?}: backend {id}, which its masters do not select"
+                ));
+            }
         }
         Ok(())
     }
@@ -313,6 +365,22 @@ impl Datapath for MemoryDatapath {
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DatapathError> {
         self.affinity_match.remove(key);
         self.writes.push(Write::DeleteAffinityMatch(*key));
+        Ok(())
+    }
+
+    fn maglev_tables(&self) -> Result<Vec<MaglevKey>, DatapathError> {
+        Ok(self.maglev.keys().copied().collect())
+    }
+
+    fn put_maglev_table(&mut self, key: MaglevKey, table: &[u32]) -> Result<(), DatapathError> {
+        self.maglev.insert(key, table.to_vec());
+        self.writes.push(Write::PutMaglevTable(key, table.to_vec()));
+        Ok(())
+    }
+
+    fn delete_maglev_table(&mut self, key: &MaglevKey) -> Result<(), DatapathError> {
+        self.maglev.remove(key);
+        self.writes.push(Write::DeleteMaglevTable(*key));
         Ok(())
     }
 }

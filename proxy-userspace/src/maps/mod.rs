@@ -4,15 +4,17 @@
 //! tests use an in-memory double. [`codec`] converts between model and map
 //! types.
 
+mod batch;
 pub mod codec;
 #[cfg(test)]
 pub mod memory;
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, HashOfMaps, LpmTrie, Map, MapData, MapError};
 use proxy_common::{
-    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, SourceRange, map_names,
+    AffinityMatchKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, SourceRange, maglev,
+    map_names,
 };
 
 use codec::SourceRangeEntry;
@@ -40,11 +42,12 @@ pub struct Capacity {
     pub rev_nat: usize,
     pub source_ranges: usize,
     pub affinity_match: usize,
+    pub maglev_tables: usize,
 }
 
 /// The writable state of the datapath: frontends (per scope) with their
-/// slots, backends, rev-NAT entries, source ranges and the affinity match
-/// set. The reconciler is its only writer.
+/// slots, backends, rev-NAT entries, source ranges, the affinity match
+/// set and Maglev tables. The reconciler is its only writer.
 pub trait Datapath {
     fn capacity(&self) -> Capacity;
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, DatapathError>;
@@ -62,6 +65,13 @@ pub trait Datapath {
     fn delete_source_range(&mut self, range: &SourceRangeEntry) -> Result<(), DatapathError>;
     fn put_affinity_match(&mut self, key: AffinityMatchKey) -> Result<(), DatapathError>;
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DatapathError>;
+    /// The keys of the Maglev tables; their contents are not read back
+    /// (rebuilding a table costs less than reading it).
+    fn maglev_tables(&self) -> Result<Vec<MaglevKey>, DatapathError>;
+    /// Swaps in a new table under `key` whole: `table[0]` is its size M,
+    /// `table[1..=M]` the backend ids ([`codec::maglev_table`]).
+    fn put_maglev_table(&mut self, key: MaglevKey, table: &[u32]) -> Result<(), DatapathError>;
+    fn delete_maglev_table(&mut self, key: &MaglevKey) -> Result<(), DatapathError>;
 }
 
 /// The directory under the agent's bpffs directory that holds the maps.
@@ -84,6 +94,7 @@ pub struct PinnedMaps {
     rev_nat: HashMap<MapData, u32, RevNat>,
     source_ranges: LpmTrie<MapData, SourceRange, u8>,
     affinity_match: HashMap<MapData, AffinityMatchKey, u8>,
+    maglev: HashOfMaps<MapData, MaglevKey, Array<MapData, u32>>,
     capacity: Capacity,
 }
 
@@ -101,6 +112,7 @@ impl PinnedMaps {
         let (rev_nat, rev_nat_max) = open_sized(dir, map_names::REV_NAT)?;
         let (source_ranges, source_ranges_max) = open_sized(dir, map_names::SOURCE_RANGES)?;
         let (affinity_match, affinity_match_max) = open_sized(dir, map_names::AFFINITY_MATCH)?;
+        let (maglev, maglev_max) = open_sized(dir, map_names::MAGLEV)?;
         Ok(Self {
             services: as_hash(services, map_names::SERVICES)?,
             backends: as_hash(backends, map_names::BACKENDS)?,
@@ -108,12 +120,15 @@ impl PinnedMaps {
             source_ranges: LpmTrie::try_from(Map::LpmTrie(source_ranges))
                 .map_err(map_err(map_names::SOURCE_RANGES, "open as LPM trie"))?,
             affinity_match: as_hash(affinity_match, map_names::AFFINITY_MATCH)?,
+            maglev: HashOfMaps::try_from(Map::HashOfMaps(maglev))
+                .map_err(map_err(map_names::MAGLEV, "open as hash of maps"))?,
             capacity: Capacity {
                 services: services_max,
                 backends: backends_max,
                 rev_nat: rev_nat_max,
                 source_ranges: source_ranges_max,
                 affinity_match: affinity_match_max,
+                maglev_tables: maglev_max,
             },
         })
     }
@@ -239,5 +254,28 @@ impl Datapath for PinnedMaps {
     fn delete_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), DatapathError> {
         ignore_missing(self.affinity_match.remove(key))
             .map_err(map_err(map_names::AFFINITY_MATCH, "delete"))
+    }
+
+    fn maglev_tables(&self) -> Result<Vec<MaglevKey>, DatapathError> {
+        self.maglev
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(map_names::MAGLEV, "iterate"))
+    }
+
+    fn put_maglev_table(&mut self, key: MaglevKey, table: &[u32]) -> Result<(), DatapathError> {
+        let entries = u32::try_from(table.len()).unwrap_or(u32::MAX);
+        // Not pinned: the outer map holds the only reference once the
+        // table is in, so replacing or deleting its entry frees it.
+        let mut inner = Array::<MapData, u32>::create(entries, maglev::INNER_MAP_FLAGS)
+            .map_err(map_err(map_names::MAGLEV, "create table"))?;
+        batch::fill_array(&mut inner, table).map_err(map_err(map_names::MAGLEV, "fill table"))?;
+        self.maglev
+            .insert(key, &inner, 0)
+            .map_err(map_err(map_names::MAGLEV, "insert"))
+    }
+
+    fn delete_maglev_table(&mut self, key: &MaglevKey) -> Result<(), DatapathError> {
+        ignore_missing(self.maglev.remove(key)).map_err(map_err(map_names::MAGLEV, "delete"))
     }
 }

@@ -8,8 +8,11 @@
 //!   12-15, 35).
 //! - [`desired`]: service ports -> frontends of every kind and the backends
 //!   each may select (rules 4, 8, 9, 11, 13-19, 21, 23-28, 32).
+//! - [`maglev`]: the Maglev lookup table of a backend set, the same on
+//!   every node.
 
 pub mod desired;
+pub mod maglev;
 pub mod objects;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};

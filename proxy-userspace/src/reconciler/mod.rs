@@ -5,23 +5,29 @@
 //! 1. backends that are new,
 //! 2. rev-NAT entries and source ranges that are new,
 //! 3. affinity-match pairs that are new,
-//! 4. per frontend and scope: changed slots, then the master entry (its
+//! 4. Maglev tables that are new or whose backends changed, each swapped
+//!    in whole,
+//! 5. per frontend and scope: changed slots, then the master entry (its
 //!    count), then slots beyond the new count,
-//! 5. the ClusterIP wildcard entries of rule 9 (port 0, no slots),
-//! 6. masters that are gone (master first, then slots), and slots beyond
+//! 6. the ClusterIP wildcard entries of rule 9 (port 0, no slots),
+//! 7. masters that are gone (master first, then slots), and slots beyond
 //!    their master's count (left by a crash between the two),
-//! 7. source ranges and rev-NAT entries no master uses any more,
-//! 8. affinity-match pairs and backends nothing refers to any more.
+//! 8. Maglev tables no master uses any more,
+//! 9. source ranges and rev-NAT entries no master uses any more,
+//! 10. affinity-match pairs and backends nothing refers to any more.
 //!
 //! A frontend has up to two masters, both carrying its rev-NAT id: the
 //! internal scope, from its `internal` selection, for clients on this node
 //! (socket level), and the external scope, from its `external` selection,
-//! for packets from outside the node (tc).
+//! for packets from outside the node (tc). An external master with
+//! backends has a Maglev table under its service-port id and selection,
+//! shared by the port's frontends that select the same backends.
 //!
 //! It starts from what the pinned maps already hold, so a restarted agent
 //! keeps every id (backend, service-port and rev-NAT ids) and rewrites
-//! nothing that is already right: running traffic does not notice the
-//! restart.
+//! nothing that is already right, except the Maglev tables, which it
+//! rebuilds once (from the same backends: the same tables): running
+//! traffic does not notice the restart.
 
 mod ids;
 
@@ -31,7 +37,8 @@ use std::{
 };
 
 use proxy_common::{
-    AffinityMatchKey, Backend, RevNat, ServiceKey, ServiceValue, map_names, scope, service_flags,
+    AffinityMatchKey, Backend, MaglevKey, RevNat, ServiceKey, ServiceValue, map_names, scope,
+    service_flags,
 };
 
 use crate::{
@@ -39,6 +46,7 @@ use crate::{
     model::{
         BackendAddr, DesiredState, Frontend, FrontendPlan, Protocol, Selection, ServicePortName,
         ServicePortPlan, WhenEmpty,
+        maglev::{self, TableSize},
     },
 };
 use ids::IdAllocator;
@@ -56,6 +64,8 @@ pub struct SyncReport {
     pub rev_nats_deleted: usize,
     pub source_ranges_written: usize,
     pub source_ranges_deleted: usize,
+    pub maglev_tables_written: usize,
+    pub maglev_tables_deleted: usize,
     /// Rule 9 wildcard entries (one per ClusterIP and protocol).
     pub wildcards_written: usize,
     /// Wildcards gone, or given up to make room for a service port.
@@ -110,6 +120,8 @@ impl SyncReport {
             + self.rev_nats_deleted
             + self.source_ranges_written
             + self.source_ranges_deleted
+            + self.maglev_tables_written
+            + self.maglev_tables_deleted
             + self.wildcards_written
             + self.wildcards_deleted
     }
@@ -126,6 +138,8 @@ impl SyncReport {
             rev_nats_deleted: self.rev_nats_deleted + next.rev_nats_deleted,
             source_ranges_written: self.source_ranges_written + next.source_ranges_written,
             source_ranges_deleted: self.source_ranges_deleted + next.source_ranges_deleted,
+            maglev_tables_written: self.maglev_tables_written + next.maglev_tables_written,
+            maglev_tables_deleted: self.maglev_tables_deleted + next.maglev_tables_deleted,
             wildcards_written: self.wildcards_written + next.wildcards_written,
             wildcards_deleted: self.wildcards_deleted + next.wildcards_deleted,
             ..next
@@ -283,6 +297,30 @@ impl PortEntries<'_> {
         })
     }
 
+    /// The Maglev table of every external master with backends, under
+    /// the key the master carries; frontends that select the same backends
+    /// share one.
+    fn maglev_tables(&self, size: TableSize) -> BTreeMap<MaglevKey, MaglevBuild> {
+        self.masters
+            .iter()
+            .filter(|master| master.scope == scope::EXTERNAL)
+            .filter(|master| !master.selection.backends.is_empty())
+            .map(|master| {
+                let key = MaglevKey {
+                    svc_id: self.svc_id,
+                    selection: u32::from(self.selection_of(master.selection)),
+                };
+                let backend_ids = master
+                    .selection
+                    .backends
+                    .iter()
+                    .map(|backend| (*backend, self.backend_ids[backend]))
+                    .collect();
+                (key, MaglevBuild { size, backend_ids })
+            })
+            .collect()
+    }
+
     fn master_value(&self, master: &MasterPlan<'_>, count: u16) -> ServiceValue {
         let mut flags = match master.selection.when_empty {
             WhenEmpty::Drop => service_flags::DROP_WHEN_EMPTY,
@@ -303,6 +341,26 @@ impl PortEntries<'_> {
     }
 }
 
+/// What a Maglev table was built from; it is rebuilt when any of it
+/// changes (a backend's id changes with its local flag).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MaglevBuild {
+    size: TableSize,
+    backend_ids: BTreeMap<BackendAddr, u32>,
+}
+
+impl MaglevBuild {
+    /// The table as the map holds it ([`codec::maglev_table`]).
+    fn table(&self) -> Vec<u32> {
+        let backends: Vec<BackendAddr> = self.backend_ids.keys().copied().collect();
+        let ids: Vec<u32> = maglev::table(&backends, self.size)
+            .iter()
+            .map(|backend| self.backend_ids[backend])
+            .collect();
+        codec::maglev_table(&ids)
+    }
+}
+
 /// New entries a service port adds to each map.
 struct Needs {
     backends: usize,
@@ -310,6 +368,7 @@ struct Needs {
     rev_nat: usize,
     source_ranges: usize,
     affinity_match: usize,
+    maglev_tables: usize,
 }
 
 pub struct Reconciler<D: Datapath> {
@@ -320,6 +379,10 @@ pub struct Reconciler<D: Datapath> {
     rev_nat: BTreeMap<u32, RevNat>,
     source_ranges: BTreeSet<SourceRangeEntry>,
     affinity_match: BTreeSet<AffinityMatchKey>,
+    /// The Maglev tables held and what each was built from; `None` for a
+    /// table held since before this agent started (rebuilt once).
+    maglev: BTreeMap<MaglevKey, Option<MaglevBuild>>,
+    maglev_table_size: TableSize,
     backend_ids: IdAllocator<Backend>,
     svc_ids: IdAllocator<ServicePortName>,
     rev_nat_ids: IdAllocator<Frontend>,
@@ -333,6 +396,11 @@ impl<D: Datapath> Reconciler<D> {
         let rev_nat: BTreeMap<_, _> = datapath.rev_nats()?.into_iter().collect();
         let source_ranges: BTreeSet<_> = datapath.source_ranges()?.into_iter().collect();
         let affinity_match = datapath.affinity_matches()?.into_iter().collect();
+        let maglev = datapath
+            .maglev_tables()?
+            .into_iter()
+            .map(|key| (key, None))
+            .collect();
         let mut backend_ids = IdAllocator::default();
         for (id, backend) in &backends {
             backend_ids.restore(*backend, *id);
@@ -367,10 +435,19 @@ impl<D: Datapath> Reconciler<D> {
             rev_nat,
             source_ranges,
             affinity_match,
+            maglev,
+            maglev_table_size: TableSize::default(),
             backend_ids,
             svc_ids,
             rev_nat_ids,
         })
+    }
+
+    /// Builds Maglev tables of `size` entries from now on (the default:
+    /// [`TableSize::default`]); tables of another size are rebuilt.
+    pub fn with_maglev_table_size(mut self, size: TableSize) -> Self {
+        self.maglev_table_size = size;
+        self
     }
 
     pub fn datapath(&self) -> &D {
@@ -413,7 +490,11 @@ impl<D: Datapath> Reconciler<D> {
     fn sync_pass(&mut self, desired: &DesiredState) -> SyncReport {
         let mut report = SyncReport::default();
         let entries = self.resolve_ids(desired);
-        let mut keep = Wanted::of(&entries, cluster_ip_wildcards(desired));
+        let mut keep = Wanted::of(
+            &entries,
+            cluster_ip_wildcards(desired),
+            self.maglev_table_size,
+        );
         // Rule 9 is the first to give way when service ports need room,
         // wildcards no longer wanted before the others.
         let mut evictable = self.held_wildcards();
@@ -529,6 +610,11 @@ impl<D: Datapath> Reconciler<D> {
                 .iter()
                 .filter(|pair| !self.affinity_match.contains(pair))
                 .count(),
+            maglev_tables: port
+                .maglev_tables(self.maglev_table_size)
+                .keys()
+                .filter(|key| !self.maglev.contains_key(key))
+                .count(),
         };
         let Capacity {
             services: services_max,
@@ -536,6 +622,7 @@ impl<D: Datapath> Reconciler<D> {
             rev_nat: rev_nat_max,
             source_ranges: source_ranges_max,
             affinity_match: affinity_match_max,
+            maglev_tables: maglev_tables_max,
         } = self.datapath.capacity();
         for (map, needed, held, max) in [
             (
@@ -567,6 +654,12 @@ impl<D: Datapath> Reconciler<D> {
                 needs.affinity_match,
                 self.affinity_match.len(),
                 affinity_match_max,
+            ),
+            (
+                map_names::MAGLEV,
+                needs.maglev_tables,
+                self.maglev.len(),
+                maglev_tables_max,
             ),
         ] {
             let free = max.saturating_sub(held);
@@ -618,6 +711,13 @@ impl<D: Datapath> Reconciler<D> {
             if !self.affinity_match.contains(&pair) {
                 self.datapath.put_affinity_match(pair)?;
                 self.affinity_match.insert(pair);
+            }
+        }
+        for (key, build) in port.maglev_tables(self.maglev_table_size) {
+            if self.maglev.get(&key).and_then(Option::as_ref) != Some(&build) {
+                self.datapath.put_maglev_table(key, &build.table())?;
+                self.maglev.insert(key, Some(build));
+                report.maglev_tables_written += 1;
             }
         }
         let mut written: BTreeSet<Frontend> = BTreeSet::new();
@@ -745,6 +845,7 @@ impl<D: Datapath> Reconciler<D> {
                 report.failed_deletes.push(err);
             }
         }
+        self.delete_unused_maglev_tables(keep, report);
         self.delete_unused_source_ranges(keep, report);
         self.delete_unused_rev_nats(keep, report);
         let gone_pairs: Vec<AffinityMatchKey> = self
@@ -766,6 +867,12 @@ impl<D: Datapath> Reconciler<D> {
             .filter(|(key, _)| key.slot != 0)
             .map(|(_, value)| value.backend_id)
             .chain(keep.backend_ids.iter().copied())
+            .chain(
+                self.maglev
+                    .values()
+                    .flatten()
+                    .flat_map(|build| build.backend_ids.values().copied()),
+            )
             .collect();
         let gone_backends: Vec<u32> = self
             .backends
@@ -778,6 +885,34 @@ impl<D: Datapath> Reconciler<D> {
                 Ok(()) => {
                     self.backends.remove(&id);
                     report.backends_deleted += 1;
+                }
+                Err(err) => report.failed_deletes.push(err),
+            }
+        }
+    }
+
+    /// A table goes once no master with backends carries its key, unless
+    /// this sync wants it (a port whose masters are not written yet).
+    fn delete_unused_maglev_tables(&mut self, keep: &Wanted, report: &mut SyncReport) {
+        let used: BTreeSet<MaglevKey> = self
+            .services
+            .iter()
+            .filter(|(key, master)| {
+                key.slot == 0 && key.scope == scope::EXTERNAL && master.count > 0
+            })
+            .map(|(_, master)| codec::maglev_key(master))
+            .collect();
+        let gone: Vec<MaglevKey> = self
+            .maglev
+            .keys()
+            .filter(|key| !used.contains(key) && !keep.maglev_tables.contains(key))
+            .copied()
+            .collect();
+        for key in gone {
+            match self.datapath.delete_maglev_table(&key) {
+                Ok(()) => {
+                    self.maglev.remove(&key);
+                    report.maglev_tables_deleted += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
             }
@@ -855,6 +990,7 @@ struct Wanted {
     rev_nat_ids: BTreeSet<u32>,
     source_ranges: BTreeSet<SourceRangeEntry>,
     affinity_match: BTreeSet<AffinityMatchKey>,
+    maglev_tables: BTreeSet<MaglevKey>,
     backend_ids: BTreeSet<u32>,
     svc_ids: BTreeSet<u32>,
     /// Rev-NAT ids of frontends this sync wrote as desired.
@@ -862,13 +998,18 @@ struct Wanted {
 }
 
 impl Wanted {
-    fn of(entries: &[PortEntries<'_>], wildcards: BTreeSet<ServiceKey>) -> Self {
+    fn of(
+        entries: &[PortEntries<'_>],
+        wildcards: BTreeSet<ServiceKey>,
+        maglev_table_size: TableSize,
+    ) -> Self {
         let mut wanted = Wanted {
             masters: BTreeSet::new(),
             wildcards,
             rev_nat_ids: BTreeSet::new(),
             source_ranges: BTreeSet::new(),
             affinity_match: BTreeSet::new(),
+            maglev_tables: BTreeSet::new(),
             backend_ids: BTreeSet::new(),
             svc_ids: BTreeSet::new(),
             settled_rev_nat_ids: BTreeSet::new(),
@@ -882,6 +1023,9 @@ impl Wanted {
             wanted.source_ranges.extend(port.source_ranges());
             wanted.backend_ids.extend(port.backend_ids.values());
             wanted.affinity_match.extend(port.affinity_pairs());
+            wanted
+                .maglev_tables
+                .extend(port.maglev_tables(maglev_table_size).into_keys());
         }
         wanted
     }

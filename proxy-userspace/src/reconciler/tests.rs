@@ -617,6 +617,7 @@ fn port_too_large_for_the_maps_is_refused_whole_and_others_are_programmed() {
             rev_nat: 100,
             source_ranges: 100,
             affinity_match: 100,
+            maglev_tables: 100,
         }),
         ..MemoryDatapath::default()
     };
@@ -733,6 +734,7 @@ fn rule_09_wildcards_that_do_not_fit_are_skipped_not_retried() {
             rev_nat: 10,
             source_ranges: 10,
             affinity_match: 10,
+            maglev_tables: 10,
         }),
         ..MemoryDatapath::default()
     };
@@ -946,8 +948,16 @@ fn rev_nat_ids_survive_restart_and_are_not_reused_at_once() {
     let before = snapshot(first.datapath());
 
     let mut restarted = Reconciler::new(snapshot(&before)).unwrap();
-    assert!(restarted.sync(&state).is_noop());
-    assert!(restarted.datapath().writes.is_empty());
+    restarted.sync(&state);
+    assert!(
+        restarted
+            .datapath()
+            .writes
+            .iter()
+            .all(|write| matches!(write, Write::PutMaglevTable(..))),
+        "only the Maglev table is rebuilt: {:?}",
+        restarted.datapath().writes
+    );
     assert_eq!(restarted.datapath().rev_nat, before.rev_nat);
 
     // api goes and a new frontend comes in the same sync: it does not get
@@ -1159,6 +1169,7 @@ fn rule_15_source_ranges_stay_while_their_port_is_refused() {
             rev_nat: 10,
             source_ranges: 10,
             affinity_match: 10,
+            maglev_tables: 10,
         }),
         ..MemoryDatapath::default()
     };
@@ -1188,6 +1199,7 @@ fn rule_09_wildcards_give_way_to_service_ports_and_every_refusal_is_counted() {
             rev_nat: 100,
             source_ranges: 100,
             affinity_match: 100,
+            maglev_tables: 100,
         }),
         ..MemoryDatapath::default()
     };
@@ -1230,6 +1242,7 @@ fn port_refused_for_room_is_programmed_once_the_same_sync_frees_it() {
             rev_nat: 100,
             source_ranges: 100,
             affinity_match: 100,
+            maglev_tables: 100,
         }),
         ..MemoryDatapath::default()
     };
@@ -1264,6 +1277,7 @@ fn capacity_counts_every_map_a_port_adds_to() {
         rev_nat: 2,
         source_ranges: 0,
         affinity_match: 0,
+        maglev_tables: 1,
     };
     let cases = [
         (
@@ -1285,6 +1299,15 @@ fn capacity_counts_every_map_a_port_adds_to() {
             1,
         ),
         (map_names::REV_NAT, Capacity { rev_nat: 1, ..full }, 2, 1),
+        (
+            map_names::MAGLEV,
+            Capacity {
+                maglev_tables: 0,
+                ..full
+            },
+            1,
+            0,
+        ),
     ];
     let mut reconciler = Reconciler::new(MemoryDatapath {
         capacity: Some(full),
@@ -1324,6 +1347,7 @@ fn capacity_counts_every_map_a_port_adds_to() {
         rev_nat: 100,
         source_ranges: 1,
         affinity_match: 0,
+        maglev_tables: 100,
     };
     let mut reconciler = Reconciler::new(MemoryDatapath {
         capacity: Some(room),
@@ -1383,4 +1407,339 @@ fn slots_beyond_a_shrunk_master_s_count_are_swept_on_restart() {
     );
     assert_eq!(datapath.services.len(), 3);
     assert_consistent_at_every_write(&interrupted, &datapath.writes);
+}
+
+/// A small table size, so tests stay quick; prime like every M.
+fn small_table() -> TableSize {
+    TableSize::new(251).unwrap()
+}
+
+/// NodePort 192.168.0.2:30080 and LB IP 198.51.100.10:80 under an
+/// eTP=Cluster policy: both scopes select `backends` (the LB IP only
+/// `lb_backends` from outside, when given).
+fn load_balancer(backends: &[u8], lb_backends: Option<&[u8]>) -> ServicePortPlan {
+    let all = selection(backends, WhenEmpty::Reject);
+    let lb = selection(lb_backends.unwrap_or(backends), WhenEmpty::Drop);
+    port_plan(
+        vec![
+            external_plan(
+                node_port_frontend(30080),
+                FrontendKind::NodePort,
+                all.clone(),
+                all.clone(),
+                &[],
+            ),
+            external_plan(lb_ip(), FrontendKind::LoadBalancer, all, lb, &[]),
+        ],
+        None,
+    )
+}
+
+/// The backends in the slots of the Maglev table `frontend`'s external
+/// master uses, in slot order.
+fn maglev_backends(datapath: &MemoryDatapath, frontend: &Frontend) -> Option<Vec<BackendAddr>> {
+    let master = master(datapath, frontend, scope::EXTERNAL)?;
+    let table = datapath.maglev.get(&codec::maglev_key(&master))?;
+    Some(
+        table[1..]
+            .iter()
+            .map(|id| codec::backend_addr(&datapath.backends[id]).unwrap())
+            .collect(),
+    )
+}
+
+fn maglev_writes(writes: &[Write]) -> Vec<&Write> {
+    writes
+        .iter()
+        .filter(|write| {
+            matches!(
+                write,
+                Write::PutMaglevTable(..) | Write::DeleteMaglevTable(..)
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn maglev_external_masters_share_the_table_of_their_selection_written_before_them() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    let report = reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], None))]));
+    assert_eq!(report.maglev_tables_written, 1, "{report:?}");
+    let datapath = reconciler.datapath();
+    let node_port = master(datapath, &node_port_frontend(30080), scope::EXTERNAL).unwrap();
+    let lb = master(datapath, &lb_ip(), scope::EXTERNAL).unwrap();
+    assert_eq!(codec::maglev_key(&node_port), codec::maglev_key(&lb));
+    let table = &datapath.maglev[&codec::maglev_key(&node_port)];
+    assert_eq!(table.len(), 252);
+    assert_eq!(table[0], 251, "[0] holds M");
+    assert_eq!(
+        table[1..].iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([&backend_id(datapath, 11), &backend_id(datapath, 12)])
+    );
+    let backends = maglev_backends(datapath, &node_port_frontend(30080)).unwrap();
+    assert_eq!(
+        backends,
+        maglev::table(&[backend(11), backend(12)], small_table()),
+        "the model's table, by this node's ids"
+    );
+    let table_write = datapath
+        .writes
+        .iter()
+        .position(|write| matches!(write, Write::PutMaglevTable(..)))
+        .unwrap();
+    let first_external_master = datapath
+        .writes
+        .iter()
+        .position(|write| {
+            matches!(write, Write::PutService(key, _) if key.slot == 0 && key.scope == scope::EXTERNAL)
+        })
+        .unwrap();
+    assert!(table_write < first_external_master);
+    assert_consistent_at_every_write(&MemoryDatapath::default(), &datapath.writes);
+}
+
+#[test]
+fn maglev_frontends_selecting_other_backends_get_their_own_table() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], Some(&[11])))]));
+    let datapath = reconciler.datapath();
+    assert_eq!(datapath.maglev.len(), 2);
+    assert_eq!(
+        maglev_backends(datapath, &lb_ip()).unwrap(),
+        vec![backend(11); 251]
+    );
+    assert_eq!(
+        maglev_backends(datapath, &node_port_frontend(30080))
+            .unwrap()
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([backend(11), backend(12)])
+    );
+    datapath.check_settled().unwrap();
+}
+
+#[test]
+fn maglev_tables_are_rebuilt_only_when_their_backends_change() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], None))]));
+    assert!(
+        reconciler
+            .sync(&desired(&[("web", load_balancer(&[11, 12], None))]))
+            .is_noop()
+    );
+
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&desired(&[("web", load_balancer(&[11, 12, 13], None))]));
+    assert_eq!(report.maglev_tables_written, 1);
+    let datapath = reconciler.datapath();
+    let writes = &datapath.writes[writes_before..];
+    assert_eq!(
+        maglev_writes(writes).len(),
+        1,
+        "one table swapped: {writes:?}"
+    );
+    assert_eq!(
+        maglev_backends(datapath, &lb_ip()).unwrap(),
+        maglev::table(&[backend(11), backend(12), backend(13)], small_table())
+    );
+    assert_consistent_at_every_write(&before, writes);
+}
+
+#[test]
+fn maglev_table_goes_after_the_masters_that_use_it_and_before_its_backends() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], None))]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    let report = reconciler.sync(&DesiredState::default());
+    assert_eq!(report.maglev_tables_deleted, 1);
+    let datapath = reconciler.datapath();
+    assert!(datapath.maglev.is_empty());
+    let writes = &datapath.writes[writes_before..];
+    let table_delete = writes
+        .iter()
+        .position(|write| matches!(write, Write::DeleteMaglevTable(..)))
+        .unwrap();
+    assert!(
+        writes[..table_delete]
+            .iter()
+            .filter(|write| matches!(write, Write::DeleteService(key) if key.slot == 0))
+            .count()
+            == 4,
+        "all four masters first: {writes:?}"
+    );
+    assert!(
+        writes[table_delete..]
+            .iter()
+            .any(|write| matches!(write, Write::DeleteBackend(..))),
+        "backends after: {writes:?}"
+    );
+    assert_consistent_at_every_write(&before, writes);
+}
+
+#[test]
+fn rule_18_maglev_table_goes_when_the_external_selection_empties() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], Some(&[11])))]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    // No local endpoint for the LB IP any more: it drops, with no table.
+    reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], Some(&[])))]));
+    let datapath = reconciler.datapath();
+    let lb = master(datapath, &lb_ip(), scope::EXTERNAL).unwrap();
+    assert_eq!((lb.count, lb.flags), (0, service_flags::DROP_WHEN_EMPTY));
+    assert_eq!(datapath.maglev.len(), 1, "the NodePort's stays");
+    assert!(maglev_backends(datapath, &node_port_frontend(30080)).is_some());
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn rule_06_maglev_table_follows_a_backend_whose_id_changes() {
+    let mut plan = load_balancer(&[11, 12], None);
+    plan.local_backends = BTreeSet::from([backend(11)]);
+    let mut reconciler = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    reconciler.sync(&desired(&[("web", plan.clone())]));
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+
+    // The endpoint moves off the node: a new backend entry and id; the
+    // table must stop naming the old one before it goes.
+    plan.local_backends.clear();
+    let report = reconciler.sync(&desired(&[("web", plan)]));
+    assert_eq!(report.maglev_tables_written, 1);
+    let datapath = reconciler.datapath();
+    assert_eq!(
+        maglev_backends(datapath, &lb_ip()).unwrap(),
+        maglev::table(&[backend(11), backend(12)], small_table())
+    );
+    assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
+}
+
+#[test]
+fn maglev_restart_rebuilds_every_table_once_and_removes_stray_ones() {
+    let state = desired(&[("web", load_balancer(&[11, 12], Some(&[11])))]);
+    let mut first = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    first.sync(&state);
+    let before = snapshot(first.datapath());
+    // A table a crash left behind, after its masters went.
+    let mut interrupted = snapshot(&before);
+    let stray = MaglevKey {
+        svc_id: 99,
+        selection: 0,
+    };
+    interrupted.maglev.insert(stray, codec::maglev_table(&[]));
+
+    let mut restarted = Reconciler::new(snapshot(&interrupted))
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    let report = restarted.sync(&state);
+    assert_eq!(
+        (report.maglev_tables_written, report.maglev_tables_deleted),
+        (2, 1)
+    );
+    let datapath = restarted.datapath();
+    assert_eq!(datapath.maglev, before.maglev, "the same tables again");
+    assert_eq!(
+        datapath.writes.len(),
+        3,
+        "nothing else is rewritten: {:?}",
+        datapath.writes
+    );
+    datapath.check_settled().unwrap();
+    assert!(restarted.sync(&state).is_noop(), "once");
+}
+
+#[test]
+fn maglev_table_size_change_rebuilds_every_table_at_restart() {
+    let state = desired(&[("web", load_balancer(&[11, 12], Some(&[11])))]);
+    let mut first = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    first.sync(&state);
+    let before = snapshot(first.datapath());
+
+    let bigger = TableSize::new(509).unwrap();
+    let mut restarted = Reconciler::new(snapshot(&before))
+        .unwrap()
+        .with_maglev_table_size(bigger);
+    restarted.sync(&state);
+    let datapath = restarted.datapath();
+    assert_eq!(datapath.maglev.len(), 2);
+    for table in datapath.maglev.values() {
+        assert_eq!((table[0], table.len()), (509, 510));
+    }
+    assert_eq!(
+        maglev_backends(datapath, &node_port_frontend(30080)).unwrap(),
+        maglev::table(&[backend(11), backend(12)], bigger)
+    );
+    assert_consistent_at_every_write(&before, &datapath.writes);
+}
+
+#[test]
+fn maglev_nodes_with_other_backend_ids_build_the_same_table() {
+    let web = || load_balancer(&[11, 12, 13], None);
+    let mut node1 = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    node1.sync(&desired(&[("web", web())]));
+    // Node 2 learnt other backends first: its ids differ.
+    let mut node2 = Reconciler::new(MemoryDatapath::default())
+        .unwrap()
+        .with_maglev_table_size(small_table());
+    node2.sync(&desired(&[("api", plan(20, &[13, 14, 12], None))]));
+    node2.sync(&desired(&[
+        ("api", plan(20, &[13, 14, 12], None)),
+        ("web", web()),
+    ]));
+    assert_ne!(
+        backend_id(node1.datapath(), 13),
+        backend_id(node2.datapath(), 13)
+    );
+    assert_eq!(
+        maglev_backends(node1.datapath(), &lb_ip()),
+        maglev_backends(node2.datapath(), &lb_ip())
+    );
+}
+
+#[test]
+fn maglev_table_that_does_not_fit_refuses_its_port() {
+    let mut reconciler = Reconciler::new(MemoryDatapath {
+        capacity: Some(Capacity {
+            maglev_tables: 1,
+            ..crate::maps::memory::UNLIMITED
+        }),
+        ..MemoryDatapath::default()
+    })
+    .unwrap()
+    .with_maglev_table_size(small_table());
+    let report = reconciler.sync(&desired(&[("web", load_balancer(&[11, 12], Some(&[11])))]));
+    assert_eq!(
+        report.over_capacity,
+        vec![(
+            port_name("web"),
+            OverCapacity {
+                map: map_names::MAGLEV,
+                needed: 2,
+                free: 1
+            }
+        )]
+    );
+    assert!(reconciler.datapath().writes.is_empty());
 }

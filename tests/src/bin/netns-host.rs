@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -64,6 +64,10 @@ enum Cmd {
         /// Pause between connections (steady load for a long COUNT).
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// Close with RST (SO_LINGER 0) instead of FIN: no TIME_WAIT is
+        /// left, so the next connection may reuse the --bind port at once.
+        #[arg(long, conflicts_with = "stdin")]
+        rst: bool,
     },
     /// COUNT UDP queries (sendto/recvfrom, or send/recv with --connect).
     Udp {
@@ -151,6 +155,7 @@ fn main() -> Result<()> {
             timeout_ms,
             stdin,
             interval_ms,
+            rst,
         } => {
             let timeout = Duration::from_millis(timeout_ms);
             if stdin {
@@ -161,7 +166,12 @@ fn main() -> Result<()> {
                         thread::sleep(Duration::from_millis(interval_ms));
                     }
                     let line = match tcp_once(to, bind, timeout) {
-                        Ok((_, greeting)) => greeting,
+                        Ok((stream, greeting)) => {
+                            if rst {
+                                SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+                            }
+                            greeting
+                        }
                         Err(e) => err_json(&e),
                     };
                     println!("{line}");
