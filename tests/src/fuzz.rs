@@ -43,9 +43,10 @@ use crate::tc;
 
 /// Cases between two walks of the conntrack tables (which then start over).
 pub const BATCH: u64 = 1000;
-/// Findings written per program and first violated invariant (the rest are
-/// only counted).
-const FINDINGS_PER_KIND: u64 = 10;
+/// Findings written per distinct failure (program and first violation),
+/// and in all; the rest are only counted.
+const FINDINGS_PER_FAILURE: u64 = 3;
+const FINDINGS: usize = 100;
 
 /// What a program's return value means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +136,18 @@ pub struct Finding {
     pub counters: String,
     pub input: String,
     pub output: String,
+}
+
+/// The maps found inconsistent after a batch.
+#[derive(Serialize)]
+pub struct MapFinding {
+    pub about: String,
+    pub violations: Vec<String>,
+    pub seed: u64,
+    /// The maps were fresh before case `batch_start`, walked after the
+    /// case before `batch_end`.
+    pub batch_start: u64,
+    pub batch_end: u64,
 }
 
 /// The object's maps filled for fuzzing, and the handles the runs need.
@@ -317,10 +330,10 @@ pub struct Report {
     pub invariants: BTreeMap<Invariant, (u64, u64)>,
     pub walks: u64,
     pub walked: Walk,
+    /// Failing runs (and map walks) by program and first violation.
+    pub failures: BTreeMap<String, u64>,
     pub findings_dir: PathBuf,
     pub findings_written: Vec<PathBuf>,
-    /// Failing cases (or walks) beyond the per-kind limit: counted only.
-    pub findings_unwritten: u64,
 }
 
 impl Report {
@@ -347,10 +360,17 @@ impl Report {
             invariants: Invariant::ALL.iter().map(|inv| (*inv, (0, 0))).collect(),
             walks: 0,
             walked: Walk::default(),
+            failures: BTreeMap::new(),
             findings_dir: options.findings.clone(),
             findings_written: Vec::new(),
-            findings_unwritten: 0,
         }
+    }
+
+    /// Counts a failure; true when it is to be written out.
+    fn failed(&mut self, what: &str, first: &Violation) -> bool {
+        let seen = self.failures.entry(format!("{what}: {first}")).or_default();
+        *seen += 1;
+        *seen <= FINDINGS_PER_FAILURE && self.findings_written.len() < FINDINGS
     }
 
     /// Violations of every invariant together.
@@ -432,7 +452,6 @@ pub fn run(ebpf: &mut Ebpf, ifindex: u32, options: &Options) -> Result<Report> {
     fs::create_dir_all(&options.findings)
         .with_context(|| format!("creating {}", options.findings.display()))?;
     let mut report = Report::new(options);
-    let mut written: BTreeMap<(usize, Invariant), u64> = BTreeMap::new();
     let end = options.start + options.count;
     let mut batch_start = options.start;
     while batch_start < end {
@@ -474,40 +493,31 @@ pub fn run(ebpf: &mut Ebpf, ifindex: u32, options: &Options) -> Result<Report> {
         report.walked.replies += walk.replies;
         report.walked.orphans += walk.orphans;
         report.walked.affinity += walk.affinity;
-        if let Some(first) = checker.violations.first() {
-            let slot = written.entry((usize::MAX, first.invariant)).or_default();
-            if *slot < FINDINGS_PER_KIND {
-                *slot += 1;
-                let path = options.findings.join(format!(
-                    "maps-{}-s{}-b{batch_start}.yaml",
-                    first.invariant.name(),
-                    options.seed
-                ));
-                let text = format!(
-                    "about: the maps after cases {batch_start}..{batch_end} of seed {} \
-                     (fresh maps before the first)\nviolations:\n{}",
-                    options.seed,
-                    checker
-                        .violations
-                        .iter()
-                        .map(|violation| format!("  - {:?}\n", violation.to_string()))
-                        .collect::<String>()
-                );
-                fs::write(&path, text)?;
-                report.findings_written.push(path);
-            } else {
-                report.findings_unwritten += 1;
-            }
+        if let Some(first) = checker.violations.first()
+            && report.failed("maps", first)
+        {
+            let finding = MapFinding {
+                about: format!("{}: {}", first.invariant.about(), first.detail),
+                violations: checker.violations.iter().map(ToString::to_string).collect(),
+                seed: options.seed,
+                batch_start,
+                batch_end,
+            };
+            let path = options.findings.join(format!(
+                "maps-{}-s{}-b{batch_start}.yaml",
+                first.invariant.name(),
+                options.seed
+            ));
+            fs::write(&path, serde_yaml::to_string(&finding)?)?;
+            report.findings_written.push(path);
         }
         for failure in failures {
-            let first = failure.outcome.checker.violations[0].invariant;
-            let slot = written.entry((failure.program, first)).or_default();
-            if *slot >= FINDINGS_PER_KIND {
-                report.findings_unwritten += 1;
+            let program = &PROGRAMS[failure.program];
+            let first = &failure.outcome.checker.violations[0];
+            if !report.failed(program.name, first) {
                 continue;
             }
-            *slot += 1;
-            let program = &PROGRAMS[failure.program];
+            let first = first.invariant;
             bench.reset(ebpf)?;
             let alone = bench.run(ebpf, ifindex, program, &failure.input)?;
             let finding = finding(options, batch_start, program, &failure, &alone);
@@ -672,16 +682,20 @@ impl fmt::Display for Report {
             self.walked.orphans,
             self.walked.affinity
         )?;
-        write!(
+        if !self.failures.is_empty() {
+            let mut failures: Vec<_> = self.failures.iter().collect();
+            failures.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            writeln!(f, "distinct failures: {}", failures.len())?;
+            for (failure, times) in failures.iter().take(30) {
+                writeln!(f, "  {times:>7} x {failure}")?;
+            }
+        }
+        writeln!(
             f,
-            "findings: {} written to {}",
+            "findings: {} written to {} (at most {FINDINGS_PER_FAILURE} per distinct failure)",
             self.findings_written.len(),
             self.findings_dir.display()
         )?;
-        if self.findings_unwritten > 0 {
-            write!(f, " ({} more only counted)", self.findings_unwritten)?;
-        }
-        writeln!(f)?;
         for path in &self.findings_written {
             writeln!(f, "  {}", path.display())?;
         }
