@@ -1,7 +1,7 @@
 //! 4. Nanoseconds per packet of each tc path next to an empty tc program,
-//! from the `tc_per_packet` bench target of the tests crate (which loads
-//! the eBPF object; xtask itself must build before the eBPF toolchain is
-//! installed, so it runs that target rather than linking it).
+//!    from the `tc_per_packet` bench target of the tests crate (which loads
+//!    the eBPF object; xtask itself must build before the eBPF toolchain is
+//!    installed, so it runs that target rather than linking it).
 
 use std::{fmt::Write as _, process::Stdio};
 
