@@ -426,7 +426,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(text: &str) -> Result<Vec<u8>> {
     let text: String = text.split_whitespace().collect();
-    anyhow::ensure!(text.len() % 2 == 0, "odd number of hex digits");
+    anyhow::ensure!(text.len().is_multiple_of(2), "odd number of hex digits");
     (0..text.len())
         .step_by(2)
         .map(|at| u8::from_str_radix(&text[at..at + 2], 16).context("not hex"))
@@ -475,7 +475,7 @@ pub fn run(ebpf: &mut Ebpf, ifindex: u32, options: &Options) -> Result<Report> {
                 }
             }
             if options.progress_every > 0
-                && (index + 1 - options.start) % options.progress_every == 0
+                && (index + 1 - options.start).is_multiple_of(options.progress_every)
             {
                 eprintln!(
                     "fuzz: {} cases, {} violations, {:.0?}",
