@@ -549,7 +549,7 @@ fn interesting_lengths(frame: &[u8]) -> Vec<usize> {
 fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, origin: &mut Vec<String>) {
     let mut resized = false;
     for _ in 0..rng.below(5) {
-        match rng.below(10) {
+        match rng.below(11) {
             0 | 1 => {
                 // Mostly in the headers, where decisions are made.
                 let span = if rng.chance(3, 4) {
@@ -598,12 +598,13 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, origin: &mut Vec<String>) {
                     origin.push(format!("append {extra} {what} bytes"));
                 }
             }
-            _ => {
+            9 => {
                 let at = rng.below(frame.len());
                 let value = rng.byte();
                 frame[at] = value;
                 origin.push(format!("set byte {at} to {value:#04x}"));
             }
+            _ => insert_options(rng, frame, origin),
         }
     }
     if resized && rng.chance(1, 2) && fix_total_length(frame) {
@@ -612,6 +613,34 @@ fn mutate(rng: &mut Rng, frame: &mut Vec<u8>, origin: &mut Vec<String>) {
     if rng.chance(3, 4) && fix_checksums(frame) {
         origin.push("fix checksums".to_string());
     }
+}
+
+/// Inserts IPv4 options after the header (NOPs and an end of list, or
+/// random bytes), up to the longest header IHL allows, and grows IHL and
+/// the total length to match: every transport offset moves.
+fn insert_options(rng: &mut Rng, frame: &mut Vec<u8>, origin: &mut Vec<String>) {
+    let ihl = (frame.get(IP_OFF).copied().unwrap_or(0) & 0x0f) as usize;
+    let Some(layout) = Layout::of(frame) else {
+        return;
+    };
+    if !(5..15).contains(&ihl) || layout.l4 > frame.len() {
+        return;
+    }
+    let words = rng.between(1, 15 - ihl);
+    let options = if rng.chance(3, 4) {
+        let mut options = vec![1u8; words * 4];
+        options[words * 4 - 1] = 0;
+        options
+    } else {
+        rng.bytes(words * 4)
+    };
+    frame.splice(layout.l4..layout.l4, options);
+    frame.truncate(MAX_FRAME);
+    frame[IP_OFF] = (frame[IP_OFF] & 0xf0) | (ihl + words) as u8;
+    let total = u16::from_be_bytes([frame[IP_OFF + 2], frame[IP_OFF + 3]]);
+    let total = total.wrapping_add(words as u16 * 4);
+    frame[IP_OFF + 2..IP_OFF + 4].copy_from_slice(&total.to_be_bytes());
+    origin.push(format!("insert {} bytes of IPv4 options", words * 4));
 }
 
 /// Makes the IPv4 total length the frame's; false when not IPv4.
