@@ -33,7 +33,8 @@ use aya::{
 use proxy_common::{Counter, Flow4, map_names};
 use serde::{Deserialize, Serialize};
 
-pub use cases::{Case, CaseKind, Corpus, Rng};
+pub use cases::CaseKind;
+use cases::Corpus;
 use check::{Checker, Explainer, Raised, Run};
 pub use check::{Invariant, Violation};
 use conntrack::{Tables, Walk};

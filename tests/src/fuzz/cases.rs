@@ -76,7 +76,6 @@ impl Rng {
 
 /// One generated input.
 pub struct Case {
-    pub index: u64,
     pub frame: Vec<u8>,
     /// How it was made, for the finding it may become.
     pub origin: String,
@@ -275,7 +274,6 @@ impl Corpus {
             mutate(&mut rng, &mut frame, &mut origin);
         }
         Case {
-            index,
             frame,
             origin: origin.join("; "),
             kind,
