@@ -24,6 +24,7 @@
 pub mod apiserver;
 pub mod clients;
 pub mod cluster;
+pub mod fuzz;
 pub mod manifests;
 pub mod tc;
 

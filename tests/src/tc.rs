@@ -271,7 +271,7 @@ pub fn endpoint(spec: &str, snat_port: Option<u16>) -> Result<SocketAddrV4> {
 }
 
 /// `addr:port/proto` -> (addr, port, proto number).
-fn service_addr(spec: &str) -> Result<(SocketAddrV4, u8)> {
+pub fn service_addr(spec: &str) -> Result<(SocketAddrV4, u8)> {
     let (addr, protocol) = spec
         .split_once('/')
         .ok_or_else(|| anyhow!("{spec}: want addr:port/proto"))?;

@@ -8,9 +8,11 @@
 //!   reached from a pod and from an external client.
 //! - `bench`: the performance yardsticks, side by side with kube-proxy's
 //!   iptables and nftables layouts (release build).
+//! - `fuzz`: seeded fuzzing of the packet programs (release build).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use anyhow::{Context, Result, bail};
@@ -22,7 +24,7 @@ use std::{
 };
 
 #[derive(Parser)]
-#[command(about = "Project tasks: setup, build-ebpf, test, demo, bench")]
+#[command(about = "Project tasks: setup, build-ebpf, test, demo, bench, fuzz")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -84,6 +86,26 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "both")]
         control_plane_source: bench::ControlPlaneSource,
     },
+    /// Fuzz the packet programs: random and mutated fixture packets through
+    /// each, every run checked against the invariants; failing inputs are
+    /// written out as YAML findings.
+    Fuzz {
+        /// Cases, each run through every program.
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        /// Cases are rebuilt from (seed, index): another seed, other cases.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Index of the first case (a finding's batch_start replays its batch).
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Where findings go (default target/fuzz/seed-<seed>).
+        #[arg(long)]
+        findings: Option<PathBuf>,
+        /// Run these findings again, each alone on fresh maps, instead.
+        #[arg(long, num_args = 1..)]
+        replay: Vec<PathBuf>,
+    },
 }
 
 fn main() {
@@ -113,6 +135,19 @@ fn main() {
             skip_control_plane,
             only_control_plane,
             control_plane_source,
+        }),
+        Cmd::Fuzz {
+            count,
+            seed,
+            start,
+            findings,
+            replay,
+        } => fuzz::fuzz(fuzz::Options {
+            count,
+            seed,
+            start,
+            findings,
+            replay,
         }),
     };
     if let Err(e) = result {
