@@ -92,8 +92,24 @@ pub const TC_VERDICTS: &[(u32, Verdict)] = &[
     (7, Verdict::Redirect), // TC_ACT_REDIRECT
 ];
 
+pub const XDP_VERDICTS: &[(u32, Verdict)] = &[
+    (2, Verdict::Pass),     // XDP_PASS
+    (1, Verdict::Drop),     // XDP_DROP
+    (3, Verdict::Redirect), // XDP_TX
+    (4, Verdict::Redirect), // XDP_REDIRECT
+];
+
+fn run_xdp(ebpf: &mut Ebpf, _program: &str, input: &[u8], ifindex: u32) -> Result<tc::RunResult> {
+    tc::run_xdp(ebpf, input, ifindex)
+}
+
 /// The programs every case runs through, in this order, on the same maps.
 pub const PROGRAMS: &[Program] = &[
+    Program {
+        name: "xdp_ingress",
+        run: run_xdp,
+        verdicts: XDP_VERDICTS,
+    },
     Program {
         name: "tc_ingress",
         run: tc::run,

@@ -205,6 +205,8 @@ pub struct RunResult {
     /// `TC_ACT_*` or `XDP_*`.
     pub verdict: u32,
     pub output: Vec<u8>,
+    /// XDP metadata in front of a passed packet (empty for tc).
+    pub metadata: Vec<u8>,
     /// What the kernel measured for the run.
     pub duration: Duration,
 }
@@ -213,7 +215,8 @@ pub struct RunResult {
 const XDP_CTX_LEN: usize = 24;
 
 /// Runs `xdp_ingress` once on `input`, as if it arrived on device
-/// `ifindex` of the calling thread's namespace.
+/// `ifindex` of the calling thread's namespace. The test run returns the
+/// metadata XDP left in front of the packet; it is split off.
 pub fn run_xdp(ebpf: &mut Ebpf, input: &[u8], ifindex: u32) -> Result<RunResult> {
     let program: &mut Xdp = ebpf
         .program_mut("xdp_ingress")
@@ -231,12 +234,22 @@ pub fn run_xdp(ebpf: &mut Ebpf, input: &[u8], ifindex: u32) -> Result<RunResult>
     options.repeat = 1;
     let result = program.test_run(options)?;
     output.truncate(result.data_size_out as usize);
+    // Only a passed packet keeps metadata, and XDP here never resizes one.
+    let metadata_len = if result.return_value == XDP_PASS {
+        output.len().saturating_sub(input.len())
+    } else {
+        0
+    };
+    let packet = output.split_off(metadata_len);
     Ok(RunResult {
         verdict: result.return_value,
-        output,
+        output: packet,
+        metadata: output,
         duration: result.duration,
     })
 }
+
+const XDP_PASS: u32 = 2;
 
 /// Runs `tc_ingress` or `tc_egress` once on `input`, as if it arrived on
 /// (or left by) device `ifindex` of the calling thread's namespace.
@@ -258,6 +271,7 @@ pub fn run(ebpf: &mut Ebpf, program: &str, input: &[u8], ifindex: u32) -> Result
     Ok(RunResult {
         verdict: result.return_value,
         output,
+        metadata: Vec::new(),
         duration: result.duration,
     })
 }

@@ -222,17 +222,12 @@ fn run_step(
         ("tc_ingress", Ingress::XdpThenTc) => {
             let xdp = tc::run_xdp(ebpf, &input, ifindex)?;
             match xdp.verdict {
+                // A packet XDP marked as handled, tc passes unlooked-at.
+                XDP_PASS if xdp.metadata == XDP_HANDLED => ("pass", xdp.output),
                 XDP_PASS => {
-                    // The test run's output starts with XDP's metadata: a
-                    // packet XDP marked as handled, tc passes unlooked-at.
-                    let meta_len = xdp.output.len().saturating_sub(input.len());
-                    let (meta, packet) = xdp.output.split_at(meta_len);
-                    if meta == XDP_HANDLED {
-                        ("pass", packet.to_vec())
-                    } else {
-                        anyhow::ensure!(meta.is_empty(), "unknown XDP metadata {meta:02x?}");
-                        tc_verdict(tc::run(ebpf, program, packet, ifindex)?)?
-                    }
+                    let metadata = &xdp.metadata;
+                    anyhow::ensure!(metadata.is_empty(), "unknown XDP metadata {metadata:02x?}");
+                    tc_verdict(tc::run(ebpf, program, &xdp.output, ifindex)?)?
                 }
                 XDP_DROP => ("drop", xdp.output),
                 XDP_TX | XDP_REDIRECT => ("redirect", xdp.output),
