@@ -1,6 +1,6 @@
-//! Nanoseconds per packet of each tc path, next to an empty tc program in
-//! the same run, at several numbers of Services (`cargo xtask bench` runs
-//! this and renders the table).
+//! Nanoseconds per packet of each tc and XDP path, next to an empty program
+//! of the same hook in the same run, at several numbers of Services
+//! (`cargo xtask bench` runs this and renders the table).
 //!
 //! Katran's method: `BPF_PROG_TEST_RUN` with repeat 1 (a later repeat
 //! would see the packet the first one rewrote), many times, averaging the
@@ -24,6 +24,9 @@ use proxy_userspace::programs::{Capacities, load_detached};
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 
 struct Options {
     runs: u32,
@@ -66,7 +69,10 @@ fn main() -> Result<()> {
         scope
             .spawn(|| -> Result<Vec<Row>> {
                 proxy_tests::enter_netns(netns.node.name())?;
-                let empty = EmptyProgram::load()?;
+                let empty = EmptyPrograms {
+                    tc: EmptyProgram::load(BPF_PROG_TYPE_SCHED_CLS, TC_ACT_OK)?,
+                    xdp: EmptyProgram::load(BPF_PROG_TYPE_XDP, XDP_PASS)?,
+                };
                 let mut rows = Vec::new();
                 for services in &options.services {
                     rows.extend(measure(*services, options.runs, netns.ifindex, &empty)?);
@@ -187,7 +193,13 @@ fn maps(services: usize) -> Maps {
     }
 }
 
-fn measure(services: usize, runs: u32, ifindex: u32, empty: &EmptyProgram) -> Result<Vec<Row>> {
+/// The floors: an empty program of each hook.
+struct EmptyPrograms {
+    tc: EmptyProgram,
+    xdp: EmptyProgram,
+}
+
+fn measure(services: usize, runs: u32, ifindex: u32, empty: &EmptyPrograms) -> Result<Vec<Row>> {
     let mut ebpf = load_detached(&Capacities {
         services: (services as u32 * 4).max(4096),
         backends: 4096,
@@ -272,11 +284,61 @@ fn measure(services: usize, runs: u32, ifindex: u32, empty: &EmptyProgram) -> Re
             verdict: TC_ACT_SHOT,
             new_flow_each_run: false,
         },
+        // The same paths in XDP, whose next hops are resolved here, so it
+        // sends remote flows and replies itself (XDP_TX).
+        Path {
+            name: "xdp miss (not a frontend)",
+            program: "xdp_ingress",
+            packet: packet(client, "192.168.0.2:22", "tcp", &["ack"]),
+            verdict: XDP_PASS,
+            new_flow_each_run: false,
+        },
+        Path {
+            name: "xdp hit: tracked, remote (TX)",
+            program: "xdp_ingress",
+            packet: packet(client, "192.168.0.2:30080", "tcp", &["ack"]),
+            verdict: XDP_TX,
+            new_flow_each_run: false,
+        },
+        Path {
+            name: "xdp hit: tracked, local (DNAT)",
+            program: "xdp_ingress",
+            packet: packet(client, "192.168.0.2:30081", "tcp", &["ack"]),
+            verdict: XDP_PASS,
+            new_flow_each_run: false,
+        },
+        Path {
+            name: "xdp new flow, local (UDP, DNAT)",
+            program: "xdp_ingress",
+            packet: packet(client, "192.168.0.2:30054", "udp", &[]),
+            verdict: XDP_PASS,
+            new_flow_each_run: true,
+        },
+        Path {
+            name: "xdp reply (un-SNAT, TX)",
+            program: "xdp_ingress",
+            packet: packet(
+                "10.244.2.11:8080",
+                &format!("192.168.0.2:{snat_port}"),
+                "tcp",
+                &["ack"],
+            ),
+            verdict: XDP_TX,
+            new_flow_each_run: false,
+        },
+        Path {
+            name: "xdp source-range drop",
+            program: "xdp_ingress",
+            packet: packet(client, "192.0.2.20:80", "tcp", &["syn"]),
+            verdict: XDP_DROP,
+            new_flow_each_run: false,
+        },
     ];
     let mut rows = Vec::new();
     for path in &paths {
         let mut input = tc::build_packet(&path.packet, None)?;
-        let empty_ns = empty.ns_per_packet(&input, runs)?;
+        let xdp = path.program == "xdp_ingress";
+        let empty_ns = if xdp { &empty.xdp } else { &empty.tc }.ns_per_packet(&input, runs)?;
         let mut total = Duration::ZERO;
         for run in 0..runs {
             if path.new_flow_each_run {
@@ -285,7 +347,11 @@ fn measure(services: usize, runs: u32, ifindex: u32, empty: &EmptyProgram) -> Re
                 input[34..36].copy_from_slice(&port.to_be_bytes());
                 input[40..42].copy_from_slice(&[0, 0]);
             }
-            let result = tc::run(&mut ebpf, path.program, &input, ifindex)?;
+            let result = if xdp {
+                tc::run_xdp(&mut ebpf, &input, ifindex)?
+            } else {
+                tc::run(&mut ebpf, path.program, &input, ifindex)?
+            };
             ensure!(
                 result.verdict == path.verdict,
                 "{}: verdict {} instead of {}",
@@ -306,15 +372,17 @@ fn measure(services: usize, runs: u32, ifindex: u32, empty: &EmptyProgram) -> Re
     Ok(rows)
 }
 
-/// `r0 = TC_ACT_OK; exit`: the floor every path is compared with, run the
-/// same way.
+/// `r0 = <verdict>; exit`: the floor every path of its hook is compared
+/// with, run the same way.
 struct EmptyProgram {
     fd: OwnedFd,
+    verdict: u32,
 }
 
 const BPF_PROG_LOAD: i64 = 5;
 const BPF_PROG_TEST_RUN: i64 = 10;
 const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+const BPF_PROG_TYPE_XDP: u32 = 6;
 
 #[repr(C)]
 #[derive(Default)]
@@ -352,12 +420,12 @@ fn bpf<T>(cmd: i64, attr: &mut T) -> Result<i64> {
 }
 
 impl EmptyProgram {
-    fn load() -> Result<Self> {
-        // mov64 r0, 0 ; exit
-        let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    fn load(prog_type: u32, verdict: u32) -> Result<Self> {
+        // mov64 r0, verdict ; exit
+        let insns: [u64; 2] = [0x0000_0000_0000_00b7 | (u64::from(verdict) << 32), 0x95];
         let license = c"GPL";
         let mut attr = ProgLoadAttr {
-            prog_type: BPF_PROG_TYPE_SCHED_CLS,
+            prog_type,
             insn_cnt: 2,
             insns: insns.as_ptr() as u64,
             license: license.as_ptr() as u64,
@@ -366,6 +434,7 @@ impl EmptyProgram {
         let fd = bpf(BPF_PROG_LOAD, &mut attr).context("loading the empty program")?;
         Ok(Self {
             fd: unsafe { OwnedFd::from_raw_fd(fd as RawFd) },
+            verdict,
         })
     }
 
@@ -385,9 +454,10 @@ impl EmptyProgram {
             };
             bpf(BPF_PROG_TEST_RUN, &mut attr).context("running the empty program")?;
             ensure!(
-                attr.retval == TC_ACT_OK,
-                "empty program returned {}",
-                attr.retval
+                attr.retval == self.verdict,
+                "empty program returned {} instead of {}",
+                attr.retval,
+                self.verdict
             );
             total += u64::from(attr.duration);
         }
