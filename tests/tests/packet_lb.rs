@@ -664,20 +664,10 @@ fn scenario_18_udp_client_on_a_fixed_port_follows_a_replaced_backend(datapath: D
     }
 }
 
-fn scenario_19_tcp_connection_survives_endpoint_removal(datapath: Datapath) {
-    let world = World::serving(
-        "epp19",
-        datapath,
-        &service("NodePort", "", &[]),
-        &[
-            (1, "web-1", "10.244.1.11"),
-            (2, "web-2", "10.244.2.11"),
-            (2, "web-3", "10.244.2.12"),
-        ],
-    );
+/// Held TCP connections through node1's NodePort, one to a local backend
+/// (`web-1`) and one to a remote one (`web-2`, SNAT).
+fn hold_local_and_remote(world: &World) -> Vec<HeldConnection> {
     let to = node_port(world.node(1));
-    // One held connection to the local backend and one to a remote one
-    // (SNAT), both through node1.
     let mut held: Vec<HeldConnection> = Vec::new();
     for _ in 0..40 {
         let connection = HeldConnection::open(world.cluster.external().host().args([
@@ -696,14 +686,58 @@ fn scenario_19_tcp_connection_survives_endpoint_removal(datapath: Datapath) {
             held.push(connection);
         }
         if held.len() == 2 {
-            break;
+            return held;
         }
     }
-    assert_eq!(
-        held.len(),
-        2,
-        "40 connections did not reach web-1 and web-2"
+    panic!("40 connections did not reach web-1 and web-2");
+}
+
+/// A flow that started under tc keeps working after the agent restarts
+/// with XDP in front, and the other way round: both use the same
+/// conntrack (issue: XDP fast path).
+#[test]
+fn established_flows_survive_switching_between_tc_and_xdp() {
+    let mut world = World::serving(
+        "eppx",
+        Datapath::Tc,
+        &service("NodePort", "", &[]),
+        &[(1, "web-1", "10.244.1.11"), (2, "web-2", "10.244.2.11")],
     );
+    let mut held = hold_local_and_remote(&world);
+    for (mode, xdp_link) in [("generic", true), ("off", false)] {
+        let node1 = world.cluster.node_mut(1);
+        node1.kill_agent();
+        node1.start_agent(&["--xdp-mode", mode]).unwrap();
+        let link = node1.pins().join("links/xdp_generic_eth0");
+        assert_eq!(link.exists(), xdp_link, "XDP link with --xdp-mode {mode}");
+        for connection in &mut held {
+            let line = format!("after --xdp-mode {mode}");
+            let echo = connection.echo(&line);
+            assert_eq!(echo["echo"], line, "{}: {echo}", connection.backend());
+        }
+    }
+    let outcomes = connect(
+        world.cluster.external().host(),
+        &node_port(world.node(1)),
+        30,
+        ANSWER_TIMEOUT_MS,
+    );
+    assert_eq!(backends(&outcomes), set(&["web-1", "web-2"]));
+}
+
+fn scenario_19_tcp_connection_survives_endpoint_removal(datapath: Datapath) {
+    let world = World::serving(
+        "epp19",
+        datapath,
+        &service("NodePort", "", &[]),
+        &[
+            (1, "web-1", "10.244.1.11"),
+            (2, "web-2", "10.244.2.11"),
+            (2, "web-3", "10.244.2.12"),
+        ],
+    );
+    let to = node_port(world.node(1));
+    let mut held = hold_local_and_remote(&world);
     for connection in &mut held {
         assert_eq!(connection.echo("before")["echo"], "before");
     }
