@@ -181,6 +181,12 @@ impl HeldConnection {
         Ok(HeldConnection { client, greeting })
     }
 
+    /// A TCP connection to `to` held open by `client` (a `netns-host`
+    /// command in the client's namespace), each attempt allowed 5 s.
+    pub fn tcp(mut client: Command, to: &str) -> Result<HeldConnection> {
+        HeldConnection::open(client.args(["tcp", "--to", to, "--stdin", "--timeout-ms", "5000"]))
+    }
+
     /// The backend that greeted.
     pub fn backend(&self) -> String {
         reply_name(&self.greeting)

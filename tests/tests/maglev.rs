@@ -273,15 +273,7 @@ fn scenario_20_restart_with_a_new_table_size_keeps_established_flows() {
     let to = format!("{}:{NODE_PORT}", world.node(1).ip());
     let probe = client(SOURCE_PORTS[0]);
     assert_eq!(maglev_pick(world.node(1), &probe, &to)["size"], 16_381);
-    let mut held = HeldConnection::open(world.cluster.external().host().args([
-        "tcp",
-        "--to",
-        &to,
-        "--stdin",
-        "--timeout-ms",
-        "5000",
-    ]))
-    .unwrap();
+    let mut held = HeldConnection::tcp(world.cluster.external().host(), &to).unwrap();
     assert_eq!(held.echo("before")["echo"], "before");
     let missing_before = world.node(1).counter("missing_backend").unwrap();
 

@@ -670,15 +670,7 @@ fn hold_local_and_remote(world: &World) -> Vec<HeldConnection> {
     let to = node_port(world.node(1));
     let mut held: Vec<HeldConnection> = Vec::new();
     for _ in 0..40 {
-        let connection = HeldConnection::open(world.cluster.external().host().args([
-            "tcp",
-            "--to",
-            &to,
-            "--stdin",
-            "--timeout-ms",
-            "5000",
-        ]))
-        .unwrap();
+        let connection = HeldConnection::tcp(world.cluster.external().host(), &to).unwrap();
         let backend = connection.backend();
         if ["web-1", "web-2"].contains(&backend.as_str())
             && !held.iter().any(|h| h.backend() == backend)
@@ -781,15 +773,7 @@ fn scenario_20_agent_killed_under_load_keeps_serving_and_catches_up_on_restart(d
     world = world.start(&[]);
     let to = node_port(world.node(1));
     let external = world.cluster.external();
-    let mut held = HeldConnection::open(external.host().args([
-        "tcp",
-        "--to",
-        &to,
-        "--stdin",
-        "--timeout-ms",
-        "5000",
-    ]))
-    .unwrap();
+    let mut held = HeldConnection::tcp(external.host(), &to).unwrap();
     let load = ClientProcess::spawn(external.host().args([
         "tcp",
         "--to",
