@@ -130,6 +130,88 @@ fn unconnected_udp_replies_appear_to_come_from_the_frontend() {
     }
 }
 
+/// `addr` as an IPv4-mapped IPv6 address, `[::ffff:addr]`, for an AF_INET6
+/// socket.
+fn mapped(addr: &str) -> String {
+    format!("[::ffff:{addr}]")
+}
+
+#[test]
+fn rules_08_10_ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
+    let node = TestNode::serving(
+        "epso",
+        &[
+            (
+                "svc.yaml",
+                &service("web", &[("http", 80, "TCP"), ("dns", 53, "UDP")], ""),
+            ),
+            (
+                "slice.yaml",
+                &slice(
+                    "web",
+                    &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+                    &BACKENDS,
+                ),
+            ),
+        ],
+    );
+    let client = format!("{}:0", mapped(CLIENT));
+    let v6_client = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--bind", &client]);
+        node.client(&args)
+    };
+    let before = counters(node.pins.path());
+
+    let tcp_frontend = format!("{}:80", mapped(VIP));
+    let tcp = v6_client(&["tcp", "--to", &tcp_frontend, "--count", "30"]);
+    for result in &tcp {
+        assert_eq!(reply_parts(result).1, CLIENT, "rule 10: {result}");
+        assert_eq!(
+            result["peer"], tcp_frontend,
+            "getpeername() shows the mapped frontend: {result}"
+        );
+    }
+    assert_eq!(spread(&tcp).len(), 3, "rule 8: {:?}", spread(&tcp));
+
+    let udp_frontend = format!("{}:53", mapped(VIP));
+    for extra in [&[][..], &["--connect"][..]] {
+        let mut args = vec!["udp", "--to", &udp_frontend, "--count", "5"];
+        args.extend(extra);
+        for result in v6_client(&args) {
+            assert_eq!(reply_parts(&result).1, CLIENT, "{extra:?}: {result}");
+            assert_eq!(
+                result["from"], udp_frontend,
+                "{extra:?}: the reply shows the mapped frontend: {result}"
+            );
+        }
+    }
+
+    let after = counters(node.pins.path());
+    let added = |name: &str| after[name] - before[name];
+    // Unconnected UDP is translated at each sendto(), connected UDP once.
+    assert_eq!(added("translated"), 30 + 5 + 1, "{after:?}");
+    // A getpeername() per TCP connection, a recvfrom() per unconnected
+    // query, a getpeername() per connected one (its recv() names no peer).
+    assert_eq!(added("rev_nat_applied"), 30 + 5 + 5, "{after:?}");
+
+    // Rule 9 through a mapped address: an undefined port is refused.
+    let undefined = v6_client(&["tcp", "--to", &format!("{}:81", mapped(VIP))]);
+    assert_eq!(undefined[0]["errno"], ECONNREFUSED, "{undefined:?}");
+    assert_eq!(
+        added_since(&after, node.pins.path(), "rejected_no_backend"),
+        1
+    );
+    // A mapped address that is no frontend passes untouched (no route).
+    let other = v6_client(&["tcp", "--to", &format!("{}:80", mapped("10.96.0.99"))]);
+    assert_eq!(other[0]["errno"], ENETUNREACH, "{other:?}");
+}
+
+/// How much counter `name` grew since `before`.
+fn added_since(before: &BTreeMap<String, u64>, pins: &std::path::Path, name: &str) -> u64 {
+    counters(pins)[name] - before[name]
+}
+
 #[test]
 fn rule_21_no_usable_endpoint_refuses_at_once() {
     let mut node = TestNode::new("epse");
@@ -493,7 +575,7 @@ fn kill_9_restarts_under_load_fail_no_connection() {
         .iter()
         .map(|p| p["attach_type"].as_str().unwrap())
         .collect();
-    assert_eq!(hooks.len(), 4, "{attached}");
+    assert_eq!(hooks.len(), 7, "{attached}");
 }
 
 #[test]
