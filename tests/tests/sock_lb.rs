@@ -5,11 +5,14 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::Ipv4Addr,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto, scope};
 use proxy_tests::{TempDir, agent_bin, host, json_lines};
 use serde_json::Value;
 
@@ -397,6 +400,54 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
     fs::remove_file(node.manifests.path().join("gone.yaml")).unwrap();
     node.start_agent();
     node.wait_for("the deleted service to go", |rows| rows.len() == 1);
+}
+
+#[test]
+fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync() {
+    let mut node = TestNode::new("epsp");
+    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
+    node.write(
+        "slice.yaml",
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    );
+    node.start_agent_with(&["--resync-interval", "2s"]);
+    let programmed = node.services();
+    let to = format!("{VIP}:80");
+
+    // Someone else deletes the frontend's master and points a backend at a
+    // port nothing listens on.
+    let pins = node.pins.path().join("maps");
+    let mut services: HashMap<MapData, ServiceKey, ServiceValue> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(pins.join(map_names::SERVICES)).unwrap(),
+    ))
+    .unwrap();
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    let master = ServiceKey::new(
+        u32::from(vip).to_be(),
+        80u16.to_be(),
+        proto::TCP,
+        scope::INTERNAL,
+        0,
+    );
+    services.remove(&master).unwrap();
+    let mut backends: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(pins.join(map_names::BACKENDS)).unwrap(),
+    ))
+    .unwrap();
+    let (id, mut backend) = backends.iter().next().unwrap().unwrap();
+    backend.port = 9u16.to_be();
+    backends.insert(id, backend, 0).unwrap();
+    assert!(services.get(&master, 0).is_err(), "the master is gone");
+
+    // Within one interval (2 s, and 5 s more for a loaded machine) both
+    // are back, with the same ids.
+    node.wait_for_within("the frontend put back", Duration::from_secs(7), |rows| {
+        rows == programmed.as_slice()
+    });
+    assert_eq!(backends.get(&id, 0).unwrap().port, 8080u16.to_be());
+    let results = node.tcp(&to, 30);
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert_eq!(spread(&results).len(), 3);
 }
 
 #[test]

@@ -126,9 +126,17 @@ impl TestNode {
 
     /// Starts the agent on the manifests directory and waits for /healthz 200.
     pub fn start_agent(&mut self) {
-        let agent = Agent::start(
+        self.start_agent_with(&[]);
+    }
+
+    /// [`TestNode::start_agent`] with more agent flags.
+    pub fn start_agent_with(&mut self, flags: &[&str]) {
+        let manifests = self.manifests.path().to_string_lossy().into_owned();
+        let mut args = vec!["--manifests", &manifests];
+        args.extend(flags);
+        let agent = Agent::start_with_args(
             &self.netns,
-            self.manifests.path(),
+            &args,
             self.cgroup.path(),
             self.pins.path(),
             NODE,
