@@ -653,6 +653,10 @@ fn rule_34_metrics_show_sync_and_datapath_counters() {
     };
     assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0);
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"),
+        0.0
+    );
     assert!(value("ebpf_proxy_datapath_events_total{event=\"translated\"}") >= 5.0);
     assert_eq!(value("ebpf_proxy_map_entries{map=\"lb4_backends\"}"), 3.0);
     assert_eq!(
