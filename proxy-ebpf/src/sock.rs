@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use proxy_common::{
-    Counter, ServiceKey, SockRevNatKey, SockRevNatValue, proto, scope, service_flags,
+    Backend, Counter, ServiceKey, SockRevNatKey, SockRevNatValue, proto, scope, service_flags,
 };
 
 use crate::{
@@ -135,31 +135,32 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
         scope::INTERNAL,
         0,
     );
-    let Some(master) = SERVICES.get_ptr(master_key) else {
-        return reject_undefined_port(frontend_addr, protocol as u8);
-    };
-    let master = unsafe { *master };
-    if master.count == 0 {
-        let retval = if master.flags & service_flags::DROP_WHEN_EMPTY != 0 {
-            count(Counter::DroppedNoLocalBackend);
-            -EHOSTUNREACH
-        } else {
-            // Rule 21: no usable endpoint refuses at once, not a timeout.
-            count(Counter::RejectedNoBackend);
-            -ECONNREFUSED
-        };
-        unsafe { bpf_set_retval(retval) };
-        return REJECT;
-    }
     let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(backend_id) = select::backend_for(client, &master_key, &master, select::Pick::Random)
-    else {
-        return refuse_inconsistent();
+    let mut choice = choose(client, &master_key);
+    // The reconciler shrinks a frontend by writing its master before it
+    // deletes the slots (and backends) beyond the new count, so a connect
+    // that read the old master may find its slot gone: the master read
+    // again has the new count.
+    if let Choice::Missing = choice {
+        choice = choose(client, &master_key);
+    }
+    let backend = match choice {
+        Choice::Backend(backend) => backend,
+        Choice::NotFrontend => return reject_undefined_port(frontend_addr, protocol as u8),
+        Choice::Empty { drop } => {
+            let retval = if drop {
+                count(Counter::DroppedNoLocalBackend);
+                -EHOSTUNREACH
+            } else {
+                // Rule 21: no usable endpoint refuses at once, not a timeout.
+                count(Counter::RejectedNoBackend);
+                -ECONNREFUSED
+            };
+            unsafe { bpf_set_retval(retval) };
+            return REJECT;
+        }
+        Choice::Missing => return refuse_inconsistent(),
     };
-    let Some(backend) = BACKENDS.get_ptr(backend_id) else {
-        return refuse_inconsistent();
-    };
-    let backend = unsafe { *backend };
 
     let rev_key = SockRevNatKey {
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -179,6 +180,41 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     unsafe { (*sa).user_port = backend.port as u32 };
     count(Counter::Translated);
     PROCEED
+}
+
+/// What a frontend's master gives a new flow.
+enum Choice {
+    /// No master: not a frontend (or an undefined port of a ClusterIP).
+    NotFrontend,
+    /// No backend for new flows; `drop` when the service has endpoints
+    /// this frontend may not use ([`service_flags::DROP_WHEN_EMPTY`]).
+    Empty {
+        drop: bool,
+    },
+    Backend(Backend),
+    /// The chosen slot or its backend is missing.
+    Missing,
+}
+
+#[inline(always)]
+fn choose(client: u64, master_key: &ServiceKey) -> Choice {
+    let Some(master) = SERVICES.get_ptr(master_key) else {
+        return Choice::NotFrontend;
+    };
+    let master = unsafe { *master };
+    if master.count == 0 {
+        return Choice::Empty {
+            drop: master.flags & service_flags::DROP_WHEN_EMPTY != 0,
+        };
+    }
+    let Some(backend_id) = select::backend_for(client, master_key, &master, select::Pick::Random)
+    else {
+        return Choice::Missing;
+    };
+    match BACKENDS.get_ptr(backend_id) {
+        Some(backend) => Choice::Backend(unsafe { *backend }),
+        None => Choice::Missing,
+    }
 }
 
 /// Rule 9: a ClusterIP's port 0 entry (count 0) stands for every port the

@@ -417,18 +417,8 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
     // Someone else deletes the frontend's master and points a backend at a
     // port nothing listens on.
     let pins = node.pins.path().join("maps");
-    let mut services: HashMap<MapData, ServiceKey, ServiceValue> = HashMap::try_from(Map::HashMap(
-        MapData::from_pin(pins.join(map_names::SERVICES)).unwrap(),
-    ))
-    .unwrap();
-    let vip: Ipv4Addr = VIP.parse().unwrap();
-    let master = ServiceKey::new(
-        u32::from(vip).to_be(),
-        80u16.to_be(),
-        proto::TCP,
-        scope::INTERNAL,
-        0,
-    );
+    let mut services = services_map(&node);
+    let master = vip_master(80);
     services.remove(&master).unwrap();
     let mut backends: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(
         MapData::from_pin(pins.join(map_names::BACKENDS)).unwrap(),
@@ -448,6 +438,24 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
     let results = node.tcp(&to, 30);
     assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
     assert_eq!(spread(&results).len(), 3);
+}
+
+/// Opens the pinned services map of `node`.
+fn services_map(node: &TestNode) -> HashMap<MapData, ServiceKey, ServiceValue> {
+    let pin = node.pins.path().join("maps").join(map_names::SERVICES);
+    HashMap::try_from(Map::HashMap(MapData::from_pin(pin).unwrap())).unwrap()
+}
+
+/// The internal master key of `VIP:port`/TCP.
+fn vip_master(port: u16) -> ServiceKey {
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    ServiceKey::new(
+        u32::from(vip).to_be(),
+        port.to_be(),
+        proto::TCP,
+        scope::INTERNAL,
+        0,
+    )
 }
 
 #[test]
