@@ -360,6 +360,40 @@ mod tests {
     }
 
     #[test]
+    fn rule_11_nodeport_addresses_are_primary_or_a_cidr_list() {
+        assert_eq!(
+            agent_args(&[]).unwrap().nodeport_addresses,
+            NodePortAddresses::Primary
+        );
+        let cidrs = |value: &str| agent_args(&["--nodeport-addresses", value]);
+        assert_eq!(
+            cidrs("0.0.0.0/0").unwrap().nodeport_addresses,
+            NodePortAddresses::Cidrs(vec!["0.0.0.0/0".parse().unwrap()])
+        );
+        assert_eq!(
+            cidrs("192.168.0.0/24, 127.0.0.0/8")
+                .unwrap()
+                .nodeport_addresses,
+            NodePortAddresses::Cidrs(vec![
+                "192.168.0.0/24".parse().unwrap(),
+                "127.0.0.0/8".parse().unwrap()
+            ])
+        );
+        for (value, why) in [
+            ("192.168.0.0/33", "\"192.168.0.0/33\""),
+            ("192.168.0.1", "\"192.168.0.1\""),
+            ("10.0.0.0/8,", "\"\""),
+            ("Primary", "\"Primary\""),
+        ] {
+            let Err(err) = cidrs(value) else {
+                panic!("--nodeport-addresses {value} accepted");
+            };
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
+            assert!(err.to_string().contains(why), "{value}: {err}");
+        }
+    }
+
+    #[test]
     fn resync_interval_defaults_to_30s_and_must_not_be_zero() {
         assert_eq!(
             agent_args(&[]).unwrap().resync_interval,
