@@ -208,6 +208,10 @@ fn rules_08_10_ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
     // A mapped address that is no frontend passes untouched (no route).
     let other = v6_client(&["tcp", "--to", &format!("{}:80", mapped("10.96.0.99"))]);
     assert_eq!(other[0]["errno"], ENETUNREACH, "{other:?}");
+    // So does a real IPv6 address whose last 32 bits spell the ClusterIP.
+    let spelled = node.client(&["tcp", "--to", "[fd00::a60:a]:80"]);
+    assert_eq!(spelled[0]["errno"], ENETUNREACH, "{spelled:?}");
+    assert_eq!(added_since(&after, node.pins.path(), "translated"), 0);
 }
 
 /// How much counter `name` grew since `before`.
