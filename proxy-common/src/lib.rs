@@ -394,7 +394,8 @@ pub struct AffinityMatchKey {
 }
 
 /// Key of `lb4_sock_rnat`: a translated socket and the backend it was sent
-/// to. `recvmsg4`/`getpeername4` find the frontend the application asked for.
+/// to. `recvmsg`/`getpeername` (4 and 6) find the frontend the application
+/// asked for.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct SockRevNatKey {
@@ -549,7 +550,7 @@ pub enum Counter {
     MissingBackend = 2,
     /// The socket reverse-NAT entry could not be stored (map full).
     RevNatStoreFailed = 3,
-    /// `recvmsg4`/`getpeername4` showed the frontend instead of the backend.
+    /// `recvmsg`/`getpeername` showed the frontend instead of the backend.
     RevNatApplied = 4,
     /// A new flow reused its client's affinity entry.
     AffinityHit = 5,

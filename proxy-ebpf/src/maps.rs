@@ -67,8 +67,9 @@ pub static AFFINITY_MATCH: HashMap<
 > = HashMap::new();
 
 /// Socket-level reverse NAT: which frontend a socket addressed before it was
-/// sent to a backend. Filled by connect4/sendmsg4; read by recvmsg4 and
-/// getpeername4. LRU bounds it; a socket's entries die with it in practice.
+/// sent to a backend. Filled by connect4/6 and sendmsg4; read by recvmsg4/6
+/// and getpeername4/6 (IPv6 sockets by the IPv4 address of their mapped
+/// one). LRU bounds it; a socket's entries die with it in practice.
 #[btf_map(name = "lb4_sock_rnat")]
 pub static SOCK_REV_NAT: LruHashMap<
     SockRevNatKey,

@@ -67,6 +67,9 @@ pub struct AgentConfig {
     pub health_timeout: Duration,
     /// Entries of each Maglev table (external flows' backend choice).
     pub maglev_table_size: TableSize,
+    /// How often the maps are read back and the last desired state synced
+    /// again, putting back what anyone else deleted or changed.
+    pub resync_interval: Duration,
 }
 
 /// How soon a sync that failed part-way is tried again.
@@ -138,6 +141,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut pending: Option<DesiredState> = None;
     let mut address_check = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
+    let mut resync = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.resync_interval,
+        config.resync_interval,
+    );
+    // The last desired state the maps were made equal to: what a resync
+    // programs again.
+    let mut programmed: Option<DesiredState> = None;
 
     loop {
         tokio::select! {
@@ -155,6 +165,14 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     pending = Some(sync.plan(snapshot).await);
                 }
             }
+            _ = resync.tick() => match reconciler.reread() {
+                Ok(()) => {
+                    if pending.is_none() {
+                        pending = programmed.take();
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot read back the maps; resyncing at the next interval"),
+            },
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             served = &mut servers => {
@@ -173,10 +191,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         if let Some(desired) = pending.take() {
             if !sync.program(&mut reconciler, &desired) {
                 pending = Some(desired);
-            } else if datapath.migrating() {
+                continue;
+            }
+            if datapath.migrating() {
                 datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
                 datapath.finish_migration()?;
             }
+            programmed = Some(desired);
         }
     }
     tracing::info!(bpffs = %config.bpffs.display(), "exiting; the datapath stays pinned and keeps serving");

@@ -115,6 +115,11 @@ struct AgentArgs {
     /// Address of /metrics (Prometheus text).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: SocketAddr,
+    /// How often the maps are read back and made equal to the desired
+    /// state again: entries deleted or changed by anyone else are put back
+    /// within one interval.
+    #[arg(long, default_value = "30s", value_parser = parse_resync_interval)]
+    resync_interval: Duration,
     /// A change that waits longer than this to be programmed, or a source
     /// failing longer than this, fails /healthz.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -277,6 +282,14 @@ fn parse_nodeport_addresses(value: &str) -> Result<NodePortAddresses, String> {
     Ok(NodePortAddresses::Cidrs(cidrs))
 }
 
+fn parse_resync_interval(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(interval) if interval.is_zero() => Err("must be longer than 0s".to_string()),
+        Ok(interval) => Ok(interval),
+        Err(err) => Err(format!("{value:?}: {err}")),
+    }
+}
+
 fn parse_maglev_table_size(value: &str) -> Result<TableSize, String> {
     let entries = value.parse().map_err(|err| format!("{value:?}: {err}"))?;
     TableSize::new(entries).map_err(|err| err.to_string())
@@ -323,6 +336,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         },
         health_timeout: args.health_timeout,
         maglev_table_size: args.maglev_table_size,
+        resync_interval: args.resync_interval,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -342,6 +356,60 @@ mod tests {
         match cli.command {
             Command::Agent(args) => Ok(*args),
             _ => unreachable!("parsed an agent command"),
+        }
+    }
+
+    #[test]
+    fn rule_11_nodeport_addresses_are_primary_or_a_cidr_list() {
+        assert_eq!(
+            agent_args(&[]).unwrap().nodeport_addresses,
+            NodePortAddresses::Primary
+        );
+        let cidrs = |value: &str| agent_args(&["--nodeport-addresses", value]);
+        assert_eq!(
+            cidrs("0.0.0.0/0").unwrap().nodeport_addresses,
+            NodePortAddresses::Cidrs(vec!["0.0.0.0/0".parse().unwrap()])
+        );
+        assert_eq!(
+            cidrs("192.168.0.0/24, 127.0.0.0/8")
+                .unwrap()
+                .nodeport_addresses,
+            NodePortAddresses::Cidrs(vec![
+                "192.168.0.0/24".parse().unwrap(),
+                "127.0.0.0/8".parse().unwrap()
+            ])
+        );
+        for (value, why) in [
+            ("192.168.0.0/33", "\"192.168.0.0/33\""),
+            ("192.168.0.1", "\"192.168.0.1\""),
+            ("10.0.0.0/8,", "\"\""),
+            ("Primary", "\"Primary\""),
+        ] {
+            let Err(err) = cidrs(value) else {
+                panic!("--nodeport-addresses {value} accepted");
+            };
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
+            assert!(err.to_string().contains(why), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn resync_interval_defaults_to_30s_and_must_not_be_zero() {
+        assert_eq!(
+            agent_args(&[]).unwrap().resync_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            agent_args(&["--resync-interval", "500ms"])
+                .unwrap()
+                .resync_interval,
+            Duration::from_millis(500)
+        );
+        for value in ["0s", "soon"] {
+            let Err(err) = agent_args(&["--resync-interval", value]) else {
+                panic!("--resync-interval {value} accepted");
+            };
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
         }
     }
 

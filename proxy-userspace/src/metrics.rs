@@ -112,8 +112,9 @@ impl Metrics {
                 "Services added, changed or removed",
                 metrics.service_changes.clone(),
             );
+            // A gauge, yet named with _total: kube-proxy's name (rule 34).
             registry.register(
-                "kubeproxy_sync_proxy_rules_no_local_endpoints",
+                "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
                 "Frontends with a Local traffic policy and no local endpoint",
                 metrics.no_local_endpoints.clone(),
             );
@@ -423,7 +424,9 @@ mod tests {
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "kubeproxy_sync_proxy_rules_endpoint_changes_total 3",
             "kubeproxy_sync_proxy_rules_service_changes_total 2",
-            "kubeproxy_sync_proxy_rules_no_local_endpoints{traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"} 1",
+            "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 0",
+            "# TYPE kubeproxy_sync_proxy_rules_no_local_endpoints_total gauge",
             "ebpf_proxy_invalid_objects_total{kind=\"Service\"} 1",
             "ebpf_proxy_service_ports_over_capacity 2",
             "ebpf_proxy_cluster_ip_wildcards_over_capacity 6",

@@ -25,7 +25,7 @@ use k8s_openapi::{
     Resource,
     api::{
         apps::v1::DaemonSet,
-        core::v1::{Container, Node, Service, ServiceAccount},
+        core::v1::{Container, Endpoints, Node, Service, ServiceAccount},
         discovery::v1::EndpointSlice,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
@@ -62,6 +62,7 @@ enum Object {
     ClusterRoleBinding(ClusterRoleBinding),
     Service(Service),
     EndpointSlice(EndpointSlice),
+    Endpoints(Endpoints),
     Node(Node),
 }
 
@@ -135,6 +136,7 @@ fn parse_document(raw: &Value, at: &str) -> Object {
         "ClusterRoleBinding" => Object::ClusterRoleBinding(typed(raw, at)),
         "Service" => Object::Service(typed(raw, at)),
         "EndpointSlice" => Object::EndpointSlice(typed(raw, at)),
+        "Endpoints" => Object::Endpoints(typed(raw, at)),
         "Node" => Object::Node(typed(raw, at)),
         other => panic!("{at}: unknown kind {other:?} (teach tests/tests/deploy.rs about it)"),
     }
@@ -330,6 +332,7 @@ fn check_no_unknown_fields(d: &Deploy) -> Vec<String> {
             Object::ClusterRoleBinding(o) => serde_yaml::to_value(o),
             Object::Service(o) => serde_yaml::to_value(o),
             Object::EndpointSlice(o) => serde_yaml::to_value(o),
+            Object::Endpoints(o) => serde_yaml::to_value(o),
             Object::Node(o) => serde_yaml::to_value(o),
         }
         .expect("k8s-openapi objects serialize");

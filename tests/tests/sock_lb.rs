@@ -5,11 +5,14 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::Ipv4Addr,
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto, scope};
 use proxy_tests::{TempDir, agent_bin, host, json_lines};
 use serde_json::Value;
 
@@ -128,6 +131,92 @@ fn unconnected_udp_replies_appear_to_come_from_the_frontend() {
             "connected UDP: getpeername() shows the frontend: {result}"
         );
     }
+}
+
+/// `addr` as an IPv4-mapped IPv6 address, `[::ffff:addr]`, for an AF_INET6
+/// socket.
+fn mapped(addr: &str) -> String {
+    format!("[::ffff:{addr}]")
+}
+
+#[test]
+fn rules_08_10_ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
+    let node = TestNode::serving(
+        "epso",
+        &[
+            (
+                "svc.yaml",
+                &service("web", &[("http", 80, "TCP"), ("dns", 53, "UDP")], ""),
+            ),
+            (
+                "slice.yaml",
+                &slice(
+                    "web",
+                    &[("http", 8080, "TCP"), ("dns", 5353, "UDP")],
+                    &BACKENDS,
+                ),
+            ),
+        ],
+    );
+    let client = format!("{}:0", mapped(CLIENT));
+    let v6_client = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--bind", &client]);
+        node.client(&args)
+    };
+    let before = counters(node.pins.path());
+
+    let tcp_frontend = format!("{}:80", mapped(VIP));
+    let tcp = v6_client(&["tcp", "--to", &tcp_frontend, "--count", "30"]);
+    for result in &tcp {
+        assert_eq!(reply_parts(result).1, CLIENT, "rule 10: {result}");
+        assert_eq!(
+            result["peer"], tcp_frontend,
+            "getpeername() shows the mapped frontend: {result}"
+        );
+    }
+    assert_eq!(spread(&tcp).len(), 3, "rule 8: {:?}", spread(&tcp));
+
+    let udp_frontend = format!("{}:53", mapped(VIP));
+    for extra in [&[][..], &["--connect"][..]] {
+        let mut args = vec!["udp", "--to", &udp_frontend, "--count", "5"];
+        args.extend(extra);
+        for result in v6_client(&args) {
+            assert_eq!(reply_parts(&result).1, CLIENT, "{extra:?}: {result}");
+            assert_eq!(
+                result["from"], udp_frontend,
+                "{extra:?}: the reply shows the mapped frontend: {result}"
+            );
+        }
+    }
+
+    let after = counters(node.pins.path());
+    let added = |name: &str| after[name] - before[name];
+    // Unconnected UDP is translated at each sendto(), connected UDP once.
+    assert_eq!(added("translated"), 30 + 5 + 1, "{after:?}");
+    // A getpeername() per TCP connection, a recvfrom() per unconnected
+    // query, a getpeername() per connected one (its recv() names no peer).
+    assert_eq!(added("rev_nat_applied"), 30 + 5 + 5, "{after:?}");
+
+    // Rule 9 through a mapped address: an undefined port is refused.
+    let undefined = v6_client(&["tcp", "--to", &format!("{}:81", mapped(VIP))]);
+    assert_eq!(undefined[0]["errno"], ECONNREFUSED, "{undefined:?}");
+    assert_eq!(
+        added_since(&after, node.pins.path(), "rejected_no_backend"),
+        1
+    );
+    // A mapped address that is no frontend passes untouched (no route).
+    let other = v6_client(&["tcp", "--to", &format!("{}:80", mapped("10.96.0.99"))]);
+    assert_eq!(other[0]["errno"], ENETUNREACH, "{other:?}");
+    // So does a real IPv6 address whose last 32 bits spell the ClusterIP.
+    let spelled = node.client(&["tcp", "--to", "[fd00::a60:a]:80"]);
+    assert_eq!(spelled[0]["errno"], ENETUNREACH, "{spelled:?}");
+    assert_eq!(added_since(&after, node.pins.path(), "translated"), 0);
+}
+
+/// How much counter `name` grew since `before`.
+fn added_since(before: &BTreeMap<String, u64>, pins: &std::path::Path, name: &str) -> u64 {
+    counters(pins)[name] - before[name]
 }
 
 #[test]
@@ -318,6 +407,62 @@ fn restart_keeps_serving_and_applies_changes_made_while_down() {
 }
 
 #[test]
+fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync() {
+    let mut node = TestNode::new("epsp");
+    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
+    node.write(
+        "slice.yaml",
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    );
+    node.start_agent_with(&["--resync-interval", "2s"]);
+    let programmed = node.services();
+    let to = format!("{VIP}:80");
+
+    // Someone else deletes the frontend's master and points a backend at a
+    // port nothing listens on.
+    let pins = node.pins.path().join("maps");
+    let mut services = services_map(&node);
+    let master = vip_master(80);
+    services.remove(&master).unwrap();
+    let mut backends: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(
+        MapData::from_pin(pins.join(map_names::BACKENDS)).unwrap(),
+    ))
+    .unwrap();
+    let (id, mut backend) = backends.iter().next().unwrap().unwrap();
+    backend.port = 9u16.to_be();
+    backends.insert(id, backend, 0).unwrap();
+    assert!(services.get(&master, 0).is_err(), "the master is gone");
+
+    // Within one interval (2 s, and 5 s more for a loaded machine) both
+    // are back, with the same ids.
+    node.wait_for_within("the frontend put back", Duration::from_secs(7), |rows| {
+        rows == programmed.as_slice()
+    });
+    assert_eq!(backends.get(&id, 0).unwrap().port, 8080u16.to_be());
+    let results = node.tcp(&to, 30);
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    assert_eq!(spread(&results).len(), 3);
+}
+
+/// Opens the pinned services map of `node`.
+fn services_map(node: &TestNode) -> HashMap<MapData, ServiceKey, ServiceValue> {
+    let pin = node.pins.path().join("maps").join(map_names::SERVICES);
+    HashMap::try_from(Map::HashMap(MapData::from_pin(pin).unwrap())).unwrap()
+}
+
+/// The internal master key of `VIP:port`/TCP.
+fn vip_master(port: u16) -> ServiceKey {
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    ServiceKey::new(
+        u32::from(vip).to_be(),
+        port.to_be(),
+        proto::TCP,
+        scope::INTERNAL,
+        0,
+    )
+}
+
+#[test]
 fn bad_manifest_is_logged_with_file_and_reason_and_the_rest_keeps_working() {
     let node = TestNode::web("epsj");
 
@@ -493,7 +638,7 @@ fn kill_9_restarts_under_load_fail_no_connection() {
         .iter()
         .map(|p| p["attach_type"].as_str().unwrap())
         .collect();
-    assert_eq!(hooks.len(), 4, "{attached}");
+    assert_eq!(hooks.len(), 7, "{attached}");
 }
 
 #[test]
@@ -520,6 +665,10 @@ fn rule_34_metrics_show_sync_and_datapath_counters() {
     };
     assert!(value("kubeproxy_sync_proxy_rules_duration_seconds_count") >= 1.0);
     assert!(value("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0);
+    assert_eq!(
+        value("kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"internal\"}"),
+        0.0
+    );
     assert!(value("ebpf_proxy_datapath_events_total{event=\"translated\"}") >= 5.0);
     assert_eq!(value("ebpf_proxy_map_entries{map=\"lb4_backends\"}"), 3.0);
     assert_eq!(

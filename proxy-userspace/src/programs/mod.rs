@@ -41,12 +41,16 @@ pub use mounts::{check_bpffs, check_cgroup2, default_cgroup2};
 /// The eBPF object, built by this crate's build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
-/// The socket-level programs, each attached to the cgroup.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+/// The socket-level programs, each attached to the cgroup: the IPv4
+/// hooks, and the IPv6 ones that serve IPv4-mapped addresses.
+pub const SOCK_PROGRAMS: [&str; 7] = [
     "lb4_connect",
     "lb4_sendmsg",
     "lb4_recvmsg",
     "lb4_getpeername",
+    "lb4_connect6",
+    "lb4_recvmsg6",
+    "lb4_getpeername6",
 ];
 
 /// The packet-level programs and where each is attached on a device.

@@ -80,7 +80,8 @@ pub struct SyncReport {
     pub failed_deletes: Vec<DatapathError>,
     /// Service ports too large for the room left in the maps, also after
     /// this sync's deletes: nothing of them was written (what they had
-    /// stays). Not retried until the next change: retrying cannot make room.
+    /// stays). Not retried at once (that cannot make room), but at the next
+    /// sync: the next change or resync.
     pub over_capacity: Vec<(ServicePortName, OverCapacity)>,
     /// Rule 9 entries not programmed because the services map is full:
     /// service ports come first.
@@ -441,6 +442,52 @@ impl<D: Datapath> Reconciler<D> {
             svc_ids,
             rev_nat_ids,
         })
+    }
+
+    /// Replaces the mirror with what the maps hold now, so the next sync
+    /// puts back entries deleted or changed by anyone else (self-repair).
+    /// Ids stay those handed out; ids the maps hold for entries not known
+    /// are reserved until the sync deletes those entries. A Maglev table
+    /// is known by its key only: one rewritten in place is not noticed.
+    pub fn reread(&mut self) -> Result<(), DatapathError> {
+        let services: BTreeMap<_, _> = self.datapath.services()?.into_iter().collect();
+        let backends: BTreeMap<_, _> = self.datapath.backends()?.into_iter().collect();
+        let rev_nat: BTreeMap<_, _> = self.datapath.rev_nats()?.into_iter().collect();
+        let source_ranges: BTreeSet<_> = self.datapath.source_ranges()?.into_iter().collect();
+        let affinity_match = self.datapath.affinity_matches()?.into_iter().collect();
+        let maglev_keys = self.datapath.maglev_tables()?;
+        for id in backends.keys() {
+            self.backend_ids.reserve(*id);
+        }
+        for master in services
+            .iter()
+            .filter(|(key, _)| key.slot == 0)
+            .map(|(_, master)| master)
+        {
+            if master.svc_id != 0 {
+                self.svc_ids.reserve(master.svc_id);
+            }
+            if master.rev_nat_id != 0 {
+                self.rev_nat_ids.reserve(master.rev_nat_id);
+            }
+        }
+        for id in rev_nat
+            .keys()
+            .copied()
+            .chain(source_ranges.iter().map(|range| range.rev_nat_id))
+        {
+            self.rev_nat_ids.reserve(id);
+        }
+        self.maglev = maglev_keys
+            .into_iter()
+            .map(|key| (key, self.maglev.remove(&key).flatten()))
+            .collect();
+        self.services = services;
+        self.backends = backends;
+        self.rev_nat = rev_nat;
+        self.source_ranges = source_ranges;
+        self.affinity_match = affinity_match;
+        Ok(())
     }
 
     /// Builds Maglev tables of `size` entries from now on (the default:

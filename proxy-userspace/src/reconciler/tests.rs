@@ -1743,3 +1743,45 @@ fn maglev_table_that_does_not_fit_refuses_its_port() {
     );
     assert!(reconciler.datapath().writes.is_empty());
 }
+
+#[test]
+fn reread_lets_the_next_sync_repair_what_others_changed_in_the_maps() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    let state = desired(&[
+        ("api", plan(20, &[21], None)),
+        ("web", plan(10, &[11, 12], Some(300))),
+    ]);
+    assert!(reconciler.sync(&state).is_complete());
+    let programmed = snapshot(reconciler.datapath());
+
+    // Someone else deletes web's master and a backend, points api's slot
+    // elsewhere and adds a frontend of their own.
+    let web_master = codec::service_key(&frontend(10), scope::INTERNAL, 0);
+    let api_slot = codec::service_key(&frontend(20), scope::INTERNAL, 1);
+    let stranger = codec::service_key(&frontend(30), scope::INTERNAL, 0);
+    let maps = &mut reconciler.datapath;
+    maps.services.remove(&web_master);
+    let backend_id = *maps.backends.keys().next().unwrap();
+    maps.backends.remove(&backend_id);
+    maps.services.insert(api_slot, ServiceValue::slot(999));
+    maps.services.insert(stranger, ServiceValue::slot(0));
+
+    assert!(
+        reconciler.sync(&state).is_noop(),
+        "without a reread the mirror hides the damage"
+    );
+    reconciler.reread().unwrap();
+    let report = reconciler.sync(&state);
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.frontends_deleted, 1, "the stranger goes: {report:?}");
+    let repaired = reconciler.datapath();
+    assert_eq!(
+        repaired.services, programmed.services,
+        "same entries, same ids"
+    );
+    assert_eq!(repaired.backends, programmed.backends);
+    assert_eq!(repaired.rev_nat, programmed.rev_nat);
+    assert_eq!(repaired.affinity_match, programmed.affinity_match);
+    repaired.check_settled().unwrap();
+    assert!(reconciler.sync(&state).is_noop());
+}

@@ -7,15 +7,17 @@
 #![allow(dead_code, reason = "each test binary uses part of the fixture")]
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::Path,
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
 use proxy_tests::{
-    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, datapath_services, host, json_lines,
-    manifests::endpoint_slice, start_server,
+    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, agent_bin, datapath_services, host,
+    json_lines, manifests::endpoint_slice, run_checked, start_server,
 };
 #[allow(unused_imports, reason = "each test binary uses part of the fixture")]
 pub use proxy_tests::{
@@ -124,9 +126,17 @@ impl TestNode {
 
     /// Starts the agent on the manifests directory and waits for /healthz 200.
     pub fn start_agent(&mut self) {
-        let agent = Agent::start(
+        self.start_agent_with(&[]);
+    }
+
+    /// [`TestNode::start_agent`] with more agent flags.
+    pub fn start_agent_with(&mut self, flags: &[&str]) {
+        let manifests = self.manifests.path().to_string_lossy().into_owned();
+        let mut args = vec!["--manifests", &manifests];
+        args.extend(flags);
+        let agent = Agent::start_with_args(
             &self.netns,
-            self.manifests.path(),
+            &args,
             self.cgroup.path(),
             self.pins.path(),
             NODE,
@@ -213,6 +223,25 @@ impl TestNode {
             thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// `ebpf-proxy counters --output json --bpffs PINS`, by counter name.
+pub fn counters(pins: &Path) -> BTreeMap<String, u64> {
+    let out = run_checked(
+        Command::new(agent_bin())
+            .args(["counters", "--output", "json", "--bpffs"])
+            .arg(pins),
+    )
+    .unwrap();
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    rows.iter()
+        .map(|row| {
+            (
+                row["name"].as_str().unwrap().to_string(),
+                row["value"].as_u64().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// `ebpf-proxy services --output json --bpffs PINS`; `Err(why)` while
