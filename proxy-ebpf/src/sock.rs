@@ -14,6 +14,7 @@ use proxy_common::{
 };
 
 use crate::{
+    events,
     maps::{BACKENDS, SERVICES, SOCK_REV_NAT, count},
     select,
 };
@@ -83,10 +84,10 @@ fn translate_to_backend(ctx: &SockAddrContext) -> i32 {
     let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(backend_id) = select::backend_for(client, &master_key, &master, select::Pick::Random)
     else {
-        return refuse_inconsistent();
+        return refuse_inconsistent(frontend_addr, frontend_port);
     };
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
-        return refuse_inconsistent();
+        return refuse_inconsistent(frontend_addr, frontend_port);
     };
     let backend = unsafe { *backend };
 
@@ -131,8 +132,8 @@ fn reject_undefined_port(addr: u32, protocol: u8) -> i32 {
 /// The maps disagree with themselves (a slot or backend is missing): refuse
 /// and count it rather than let the socket reach the frontend address.
 #[inline(always)]
-fn refuse_inconsistent() -> i32 {
-    count(Counter::MissingBackend);
+fn refuse_inconsistent(frontend_addr: u32, frontend_port: u16) -> i32 {
+    events::missing_backend(frontend_addr, frontend_port);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }
