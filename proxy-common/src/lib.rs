@@ -49,7 +49,9 @@ pub mod map_names {
     /// [`super::maglev`]).
     pub const MAGLEV: &str = "lb4_maglev";
 
-    /// Every map the object defines, in the order the agent pins them.
+    /// Every map the agent pins, in that order. The object's other maps,
+    /// aya-log's ring `AYA_LOGS` and its rate limiter `lb_log_last`,
+    /// belong to one load of the programs and are not pinned.
     pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,

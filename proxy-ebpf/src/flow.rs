@@ -9,7 +9,7 @@ use proxy_common::{
 };
 
 use crate::{
-    conntrack,
+    conntrack, events,
     maps::{BACKENDS, CONNTRACK, CT_REPLY, REV_NAT, count},
     nat::{self, Hook},
     parse::{Ipv4, Ports},
@@ -61,8 +61,12 @@ pub fn classify(hook: &Hook, ip: &Ipv4, ports: &Ports) -> Action {
             let client = AffinityKey::PACKET_CLIENT | flow.saddr as u64;
             let pick = select::Pick::Maglev(&flow);
             match select::backend_for(client, &master_key, &master, pick)
-                .and_then(|backend_id| track(hook, ip, ports, &flow, backend_id, master.rev_nat_id))
-            {
+                // Inlined: an outlined closure's frame would add to
+                // tc_ingress's, past the verifier's 512-byte combined stack.
+                .and_then(
+                    #[inline(always)]
+                    |backend_id| track(hook, ip, ports, &flow, backend_id, master.rev_nat_id),
+                ) {
                 Some(entry) => Action::ToBackend(entry),
                 None => Action::Drop,
             }
@@ -95,7 +99,7 @@ fn track(
     rev_nat_id: u32,
 ) -> Option<CtEntry> {
     let Some(backend) = BACKENDS.get_ptr(backend_id) else {
-        count(Counter::MissingBackend);
+        events::missing_backend(flow.daddr, flow.dport);
         return None;
     };
     let backend = unsafe { *backend };
@@ -121,7 +125,7 @@ fn track(
     let reply_key = if backend.flags & backend_flags::LOCAL != 0 {
         let key = Flow4::new(backend.addr, flow.saddr, backend.port, flow.sport, ip.proto);
         if CT_REPLY.insert(key, reply, 0).is_err() {
-            count(Counter::DroppedConntrackFull);
+            events::conntrack_full(flow.daddr, flow.dport);
             return None;
         }
         key
@@ -134,7 +138,7 @@ fn track(
         let Some(nat_port) =
             nat::claim_snat_port(backend.addr, backend.port, route.source, ip.proto, &reply)
         else {
-            count(Counter::DroppedNatExhausted);
+            events::nat_exhausted(backend.addr, backend.port);
             return None;
         };
         entry.flags = ct_flags::SNAT;
@@ -145,7 +149,7 @@ fn track(
     };
     if CONNTRACK.insert(flow, entry, 0).is_err() {
         let _ = CT_REPLY.remove(reply_key);
-        count(Counter::DroppedConntrackFull);
+        events::conntrack_full(flow.daddr, flow.dport);
         return None;
     }
     count(Counter::PacketNewFlow);

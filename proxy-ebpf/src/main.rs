@@ -6,6 +6,7 @@
 
 mod conntrack;
 mod csum;
+mod events;
 mod flow;
 mod icmp;
 mod maps;

@@ -23,6 +23,7 @@ use proxy_common::{
 };
 
 use crate::{
+    events,
     maps::{BACKENDS, SERVICES, SOCK_REV_NAT, count},
     select,
 };
@@ -159,7 +160,7 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
             unsafe { bpf_set_retval(retval) };
             return REJECT;
         }
-        Choice::Missing => return refuse_inconsistent(),
+        Choice::Missing => return refuse_inconsistent(frontend_addr, frontend_port),
     };
 
     let rev_key = SockRevNatKey {
@@ -236,8 +237,8 @@ fn reject_undefined_port(addr: u32, protocol: u8) -> i32 {
 /// The maps disagree with themselves (a slot or backend is missing): refuse
 /// and count it rather than let the socket reach the frontend address.
 #[inline(always)]
-fn refuse_inconsistent() -> i32 {
-    count(Counter::MissingBackend);
+fn refuse_inconsistent(frontend_addr: u32, frontend_port: u16) -> i32 {
+    events::missing_backend(frontend_addr, frontend_port);
     unsafe { bpf_set_retval(-ECONNREFUSED) };
     REJECT
 }

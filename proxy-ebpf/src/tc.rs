@@ -19,7 +19,7 @@ use aya_ebpf::{
 use proxy_common::{Counter, CtEntry, CtReply, RevNat, ct_flags, proto};
 
 use crate::{
-    conntrack,
+    conntrack, events,
     flow::{self, Action},
     icmp,
     maps::{CT_REPLY, REV_NAT, count},
@@ -100,7 +100,7 @@ fn transport(ctx: &TcContext, direction: icmp::Direction) -> Result<(Ipv4, Ports
         Frame::Ipv4(ip) => ip,
         Frame::Other => return Err(PASS),
         Frame::Malformed(reason) => {
-            count(reason);
+            events::malformed(reason);
             return Err(PASS);
         }
         Frame::Fragment => {
@@ -115,7 +115,7 @@ fn transport(ctx: &TcContext, direction: icmp::Direction) -> Result<(Ipv4, Ports
         return Err(PASS);
     }
     let Some(ports) = parse::ports(ctx, &ip) else {
-        count(Counter::MalformedTruncated);
+        events::malformed(Counter::MalformedTruncated);
         return Err(PASS);
     };
     Ok((ip, ports))

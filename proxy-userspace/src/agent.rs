@@ -70,6 +70,8 @@ pub struct AgentConfig {
     /// How often the maps are read back and the last desired state synced
     /// again, putting back what anyone else deleted or changed.
     pub resync_interval: Duration,
+    /// What the programs log into the agent's log.
+    pub datapath_log_level: programs::DatapathLogLevel,
 }
 
 /// How soon a sync that failed part-way is tried again.
@@ -103,7 +105,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
 
     programs::check_devices(&config.devices)?;
-    let mut datapath = programs::Datapath::load(&config.bpffs, &config.capacities)?;
+    let mut datapath =
+        programs::Datapath::load(&config.bpffs, &config.capacities, config.datapath_log_level)?;
+    datapath.forward_logs()?;
     let maps = PinnedMaps::open_in(datapath.maps_dir()).context("opening the pinned maps")?;
     let mut reconciler = Reconciler::new(maps)
         .context("reading back the pinned maps")?

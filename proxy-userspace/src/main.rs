@@ -124,6 +124,47 @@ struct AgentArgs {
     /// failing longer than this, fails /healthz.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     health_timeout: Duration,
+    /// What the eBPF programs log into the agent's log (target
+    /// proxy_ebpf): rare events such as malformed packets, full tables and
+    /// SNAT port exhaustion, at most one line per kind per second per CPU.
+    /// The counters (`ebpf-proxy counters`) count every event regardless.
+    #[arg(long, value_enum, default_value = "warn")]
+    datapath_log_level: DatapathLogLevelArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DatapathLogLevelArg {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl DatapathLogLevelArg {
+    /// Lets the datapath's lines through the agent's log filter when they
+    /// are more verbose than its default (info).
+    fn log_directive(self) -> Option<&'static str> {
+        match self {
+            DatapathLogLevelArg::Debug => Some("proxy_ebpf=debug"),
+            DatapathLogLevelArg::Trace => Some("proxy_ebpf=trace"),
+            _ => None,
+        }
+    }
+}
+
+impl From<DatapathLogLevelArg> for programs::DatapathLogLevel {
+    fn from(level: DatapathLogLevelArg) -> Self {
+        match level {
+            DatapathLogLevelArg::Off => programs::DatapathLogLevel::Off,
+            DatapathLogLevelArg::Error => programs::DatapathLogLevel::Error,
+            DatapathLogLevelArg::Warn => programs::DatapathLogLevel::Warn,
+            DatapathLogLevelArg::Info => programs::DatapathLogLevel::Info,
+            DatapathLogLevelArg::Debug => programs::DatapathLogLevel::Debug,
+            DatapathLogLevelArg::Trace => programs::DatapathLogLevel::Trace,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -191,15 +232,23 @@ enum Output {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Command::Agent(args) = &cli.command
+        && let Some(directive) = args.datapath_log_level.log_directive()
+        && let Ok(directive) = directive.parse()
+    {
+        filter = filter.add_directive(directive);
+    }
+    // Also installs the `log` bridge that carries the programs' aya-log
+    // lines into this log.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -337,6 +386,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         health_timeout: args.health_timeout,
         maglev_table_size: args.maglev_table_size,
         resync_interval: args.resync_interval,
+        datapath_log_level: args.datapath_log_level.into(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -411,6 +461,21 @@ mod tests {
             };
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
         }
+    }
+
+    #[test]
+    fn datapath_log_level_defaults_to_warn_and_opens_the_filter_for_debug() {
+        let level = agent_args(&[]).unwrap().datapath_log_level;
+        assert_eq!(
+            programs::DatapathLogLevel::from(level),
+            programs::DatapathLogLevel::Warn
+        );
+        assert_eq!(level.log_directive(), None);
+        let level = agent_args(&["--datapath-log-level", "debug"])
+            .unwrap()
+            .datapath_log_level;
+        assert_eq!(level.log_directive(), Some("proxy_ebpf=debug"));
+        assert!(agent_args(&["--datapath-log-level", "loud"]).is_err());
     }
 
     #[test]

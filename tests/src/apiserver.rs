@@ -41,10 +41,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Agent, Netns, enter_netns};
+use crate::{Agent, Netns, enter_netns, manifests::yaml_options};
 
 /// How often blocked server threads look at their stop flags.
 const TICK: Duration = Duration::from_millis(50);
@@ -414,10 +413,10 @@ pub trait IntoObjects {
 impl IntoObjects for &str {
     fn into_objects(self) -> Result<Vec<Value>> {
         let mut objects = Vec::new();
-        for document in serde_yaml::Deserializer::from_str(self) {
-            let value = Value::deserialize(document).context("not valid YAML")?;
-            match value {
-                Value::Null => {}
+        let mut reader = self.as_bytes();
+        // Empty documents yield nothing.
+        for document in serde_saphyr::read_with_options(&mut reader, yaml_options()) {
+            match document.context("not valid YAML")? {
                 Value::Array(items) => objects.extend(items),
                 value => objects.push(value),
             }

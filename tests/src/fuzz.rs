@@ -525,7 +525,7 @@ pub fn run(ebpf: &mut Ebpf, ifindex: u32, options: &Options) -> Result<Report> {
                 first.invariant.name(),
                 options.seed
             ));
-            fs::write(&path, serde_yaml::to_string(&finding)?)?;
+            fs::write(&path, serde_saphyr::to_string(&finding)?)?;
             report.findings_written.push(path);
         }
         for failure in failures {
@@ -545,7 +545,7 @@ pub fn run(ebpf: &mut Ebpf, ifindex: u32, options: &Options) -> Result<Report> {
                 options.seed,
                 failure.index
             ));
-            fs::write(&path, serde_yaml::to_string(&finding)?)?;
+            fs::write(&path, serde_saphyr::to_string(&finding)?)?;
             report.findings_written.push(path);
         }
         batch_start = batch_end;
@@ -597,7 +597,7 @@ fn finding(
 /// loaded object) and returns what it violates now.
 pub fn replay(ebpf: &mut Ebpf, ifindex: u32, file: &Path) -> Result<Vec<Violation>> {
     let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let finding: Finding = serde_yaml::from_str(&text)?;
+    let finding: Finding = serde_saphyr::from_str(&text)?;
     let program = PROGRAMS
         .iter()
         .find(|program| program.name == finding.program)

@@ -3,6 +3,18 @@
 //! them. Ports are `(name, port, protocol)`; `u32` so that tests can
 //! write invalid ones.
 
+/// How these manifests are read: the options of the agent's
+/// `proxy_userspace::source::manifests::yaml_options` (this library cannot
+/// depend on the agent, whose build needs the eBPF toolchain), so a label
+/// `x: y` stays a string.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+    }
+}
+
 /// `  - {name: http, port: 80, protocol: TCP}` lines.
 pub fn port_lines(ports: &[(&str, u32, &str)]) -> String {
     let lines: Vec<String> = ports
@@ -73,6 +85,11 @@ pub fn node(name: &str, internal_ip: &str, pod_cidr: &str, zone: &str) -> String
 mod tests {
     use super::*;
 
+    /// The text as the agent reads it.
+    fn parse(yaml: &str) -> serde_json::Value {
+        serde_saphyr::from_str_with_options(yaml, yaml_options()).unwrap()
+    }
+
     #[test]
     fn slice_lists_endpoints_with_their_nodes() {
         let yaml = endpoint_slice(
@@ -82,15 +99,15 @@ mod tests {
             &[("10.244.1.11", "node1"), ("10.244.2.11", "node2")],
             "",
         );
-        let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        let v = parse(&yaml);
         assert_eq!(v["metadata"]["labels"]["kubernetes.io/service-name"], "web");
         assert_eq!(v["endpoints"][1]["nodeName"], "node2");
         assert_eq!(v["endpoints"][1]["addresses"][0], "10.244.2.11");
         assert_eq!(v["ports"][0]["port"], 8080);
 
         let empty = endpoint_slice("web-x1", "web", &[("http", 8080, "TCP")], &[], "a: b");
-        let v: serde_yaml::Value = serde_yaml::from_str(&empty).unwrap();
-        assert_eq!(v["endpoints"].as_sequence().unwrap().len(), 0);
+        let v = parse(&empty);
+        assert_eq!(v["endpoints"].as_array().unwrap().len(), 0);
         assert_eq!(v["metadata"]["labels"]["a"], "b");
     }
 
@@ -103,11 +120,10 @@ mod tests {
             "x: y",
             "  type: NodePort\n",
         );
-        let v: serde_yaml::Value = serde_yaml::from_str(&svc).unwrap();
+        let v = parse(&svc);
         assert_eq!(v["spec"]["type"], "NodePort");
         assert_eq!(v["metadata"]["labels"]["x"], "y");
-        let n: serde_yaml::Value =
-            serde_yaml::from_str(&node("node1", "192.168.0.2", "10.244.1.0/24", "a")).unwrap();
+        let n = parse(&node("node1", "192.168.0.2", "10.244.1.0/24", "a"));
         assert_eq!(n["status"]["addresses"][0]["address"], "192.168.0.2");
         assert_eq!(n["spec"]["podCIDRs"][0], "10.244.1.0/24");
     }

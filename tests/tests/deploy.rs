@@ -31,9 +31,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use proxy_userspace::source::kube::API_ACCESS;
-use serde::Deserialize as _;
-use serde_yaml::Value;
+use proxy_userspace::source::{kube::API_ACCESS, manifests::yaml_options};
+use serde_json::Value;
 
 /// The capabilities the DaemonSet documents, and no others.
 const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"];
@@ -120,7 +119,7 @@ fn typed<T: Resource + serde::de::DeserializeOwned>(raw: &Value, at: &str) -> T 
         T::KIND,
         T::API_VERSION
     );
-    serde_yaml::from_value(raw.clone())
+    serde_json::from_value(raw.clone())
         .unwrap_or_else(|e| panic!("{at}: not a valid {}: {e}", T::KIND))
 }
 
@@ -171,8 +170,8 @@ fn load() -> Deploy {
                 "{}: only deploy/ has a kustomization",
                 file.display()
             );
-            let value: Value =
-                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let value: Value = serde_saphyr::from_str_with_options(&text, yaml_options())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             kustomization = Some(value);
             continue;
         }
@@ -180,12 +179,13 @@ fn load() -> Deploy {
             .strip_prefix(&dir)
             .expect("under deploy/")
             .to_path_buf();
-        for (index, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let raw = Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{} (document {}): {e}", file.display(), index + 1));
-            if raw.is_null() {
-                continue; // an empty document (a trailing `---`)
-            }
+        // Empty documents (a trailing `---`) yield nothing.
+        let mut reader = text.as_bytes();
+        for (index, doc) in
+            serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_options()).enumerate()
+        {
+            let raw =
+                doc.unwrap_or_else(|e| panic!("{} (document {}): {e}", file.display(), index + 1));
             let at = format!("deploy/{} (document {})", relative.display(), index + 1);
             let object = parse_document(&raw, &at);
             documents.push(Document {
@@ -294,13 +294,9 @@ fn host_path_of(ds: &DaemonSet, path: &str) -> Option<(String, PathBuf)> {
 fn check_no_unknown_fields(d: &Deploy) -> Vec<String> {
     fn diff(path: &str, written: &Value, parsed: &Value, out: &mut Vec<String>) {
         match (written, parsed) {
-            (Value::Mapping(a), Value::Mapping(b)) => {
+            (Value::Object(a), Value::Object(b)) => {
                 for (key, value) in a {
-                    let key_text = key
-                        .as_str()
-                        .map(str::to_string)
-                        .unwrap_or(format!("{key:?}"));
-                    let at = format!("{path}.{key_text}");
+                    let at = format!("{path}.{key}");
                     match b.get(key) {
                         Some(other) => diff(&at, value, other, out),
                         None if value.is_null() => {}
@@ -311,13 +307,10 @@ fn check_no_unknown_fields(d: &Deploy) -> Vec<String> {
                     out.push(format!("{path}.{key:?}: appears only after parsing"));
                 }
             }
-            (Value::Sequence(a), Value::Sequence(b)) if a.len() == b.len() => {
+            (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
                     diff(&format!("{path}[{i}]"), x, y, out);
                 }
-            }
-            (Value::Tagged(_), _) | (_, Value::Tagged(_)) => {
-                out.push(format!("{path}: YAML tags are not Kubernetes"))
             }
             (a, b) if a == b => {}
             (a, b) => out.push(format!("{path}: written {a:?}, parsed as {b:?}")),
@@ -326,14 +319,14 @@ fn check_no_unknown_fields(d: &Deploy) -> Vec<String> {
     let mut problems = Vec::new();
     for doc in &d.documents {
         let parsed = match &doc.object {
-            Object::DaemonSet(o) => serde_yaml::to_value(o),
-            Object::ServiceAccount(o) => serde_yaml::to_value(o),
-            Object::ClusterRole(o) => serde_yaml::to_value(o),
-            Object::ClusterRoleBinding(o) => serde_yaml::to_value(o),
-            Object::Service(o) => serde_yaml::to_value(o),
-            Object::EndpointSlice(o) => serde_yaml::to_value(o),
-            Object::Endpoints(o) => serde_yaml::to_value(o),
-            Object::Node(o) => serde_yaml::to_value(o),
+            Object::DaemonSet(o) => serde_json::to_value(o),
+            Object::ServiceAccount(o) => serde_json::to_value(o),
+            Object::ClusterRole(o) => serde_json::to_value(o),
+            Object::ClusterRoleBinding(o) => serde_json::to_value(o),
+            Object::Service(o) => serde_json::to_value(o),
+            Object::EndpointSlice(o) => serde_json::to_value(o),
+            Object::Endpoints(o) => serde_json::to_value(o),
+            Object::Node(o) => serde_json::to_value(o),
         }
         .expect("k8s-openapi objects serialize");
         let mut found = Vec::new();
@@ -354,7 +347,7 @@ fn check_kustomization(d: &Deploy) -> Vec<String> {
     }
     let resources: Vec<String> = k
         .get("resources")
-        .and_then(Value::as_sequence)
+        .and_then(Value::as_array)
         .map(|s| {
             s.iter()
                 .filter_map(Value::as_str)
@@ -393,7 +386,7 @@ fn check_kustomization(d: &Deploy) -> Vec<String> {
             _ => s,
         })
         .unwrap_or_default();
-    let entries = k.get("images").and_then(Value::as_sequence);
+    let entries = k.get("images").and_then(Value::as_array);
     let covered = entries
         .into_iter()
         .flatten()
@@ -845,11 +838,11 @@ fn every_document_parses_into_a_known_kind() {
 #[test]
 fn unknown_kinds_are_refused() {
     let raw: Value =
-        serde_yaml::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
+        serde_saphyr::from_str("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
     let refused = std::panic::catch_unwind(|| parse_document(&raw, "test")).is_err();
     assert!(refused, "a ConfigMap must be refused");
     let wrong_version: Value =
-        serde_yaml::from_str("apiVersion: apps/v1beta2\nkind: DaemonSet\n").unwrap();
+        serde_saphyr::from_str("apiVersion: apps/v1beta2\nkind: DaemonSet\n").unwrap();
     let refused = std::panic::catch_unwind(|| parse_document(&wrong_version, "test")).is_err();
     assert!(refused, "a DaemonSet of apps/v1beta2 must be refused");
 }
@@ -944,7 +937,7 @@ fn checks_catch_broken_manifests() {
                     .iter_mut()
                     .find(|x| matches!(x.object, Object::DaemonSet(_)))
                     .unwrap();
-                let spec = doc.raw.get_mut("spec").unwrap().as_mapping_mut().unwrap();
+                let spec = doc.raw.get_mut("spec").unwrap().as_object_mut().unwrap();
                 spec.insert("updateStrategi".into(), Value::Null);
                 spec.insert("minReadySecond".into(), 5.into());
             },
@@ -957,7 +950,7 @@ fn checks_catch_broken_manifests() {
                     .kustomization
                     .get_mut("resources")
                     .unwrap()
-                    .as_sequence_mut()
+                    .as_array_mut()
                     .unwrap();
                 resources.push("missing.yaml".into());
             },
@@ -970,7 +963,7 @@ fn checks_catch_broken_manifests() {
                     .kustomization
                     .get_mut("resources")
                     .unwrap()
-                    .as_sequence_mut()
+                    .as_array_mut()
                     .unwrap();
                 resources.retain(|r| r.as_str() != Some("rbac.yaml"));
             },

@@ -9,7 +9,7 @@
 //! namespace, clients in that namespace AND the test's cgroup. The
 //! namespace has no route to the service CIDR, so an untranslated connect
 //! fails with ENETUNREACH and nothing ever leaves it. Rule numbers refer to
-//! SERVICE-SEMANTICS.md.
+//! docs/semantics.md.
 
 use std::{
     net::Ipv4Addr,

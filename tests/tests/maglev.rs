@@ -186,7 +186,7 @@ fn maglev_tables_are_swapped_into_the_pinned_map_whole() {
         nat: 1024,
     };
     // The real object: the kernel checks each table against its template.
-    let _loaded = programs::Datapath::load(pins.path(), &capacities).unwrap();
+    let _loaded = programs::Datapath::load(pins.path(), &capacities, Default::default()).unwrap();
     let mut maps = PinnedMaps::open(pins.path()).unwrap();
     let key = MaglevKey {
         svc_id: 7,

@@ -1,4 +1,4 @@
-//! The acceptance scenarios of SERVICE-SEMANTICS.md that the packet-level
+//! The acceptance scenarios of docs/semantics.md that the packet-level
 //! datapath decides: traffic from outside the nodes to NodePorts,
 //! externalIPs and LoadBalancer IPs, in the two-node box
 //! (proxy_tests::cluster), one agent per node translating on `eth0`.

@@ -1,4 +1,4 @@
-//! The acceptance scenarios of SERVICE-SEMANTICS.md that the socket-level
+//! The acceptance scenarios of docs/semantics.md that the socket-level
 //! datapath decides: every frontend kind as seen from a pod on the node,
 //! traffic policies, endpoint conditions, topology, ignored Services and
 //! healthCheckNodePort. The node is "node-1" with the primary address

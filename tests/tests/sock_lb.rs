@@ -1,6 +1,6 @@
 //! Socket-level load balancing, black box: the real agent binary, the real
 //! programs attached to a child cgroup, real TCP and UDP sockets (fixture in
-//! `common`). Rule numbers refer to SERVICE-SEMANTICS.md.
+//! `common`). Rule numbers refer to docs/semantics.md.
 
 use std::{
     collections::BTreeMap,

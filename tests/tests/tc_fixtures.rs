@@ -169,7 +169,7 @@ fn tc_packet_fixtures() {
 
 fn run_fixture(file: &Path, ifindex: u32, ingress: Ingress) -> anyhow::Result<()> {
     let text = fs::read_to_string(file)?;
-    let fixture: Fixture = serde_yaml::from_str(&text)?;
+    let fixture: Fixture = serde_saphyr::from_str(&text)?;
     anyhow::ensure!(!fixture.about.is_empty(), "say what the fixture proves");
     let mut ebpf = load_detached(&Capacities {
         services: 4096,

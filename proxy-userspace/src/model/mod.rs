@@ -1,7 +1,7 @@
 //! The model: pure functions from cluster objects to the datapath the node
-//! should have. No I/O, no clock, no maps: every rule of
-//! SERVICE-SEMANTICS.md that decides *what* is programmed lives here and is
-//! unit-tested without root.
+//! should have. No I/O, no clock, no maps: every rule that decides *what*
+//! is programmed lives here and is unit-tested without root. "Rule N"
+//! throughout the code is rule N of `docs/semantics.md`.
 //!
 //! - [`objects`]: validated, proxy-relevant views of API objects, and the
 //!   rules that decide which objects are proxied at all (rules 1, 2, 5-7,

@@ -746,7 +746,7 @@ mod tests {
     use super::*;
 
     fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
-        serde_yaml::from_str(yaml).expect("test object parses")
+        serde_saphyr::from_str(yaml).expect("test object parses")
     }
 
     fn key(namespace: &str, name: &str) -> ObjectKey {

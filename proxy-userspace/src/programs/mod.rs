@@ -14,6 +14,10 @@
 //! `<bpffs>/maps/` and removes the old ones ([`Datapath::finish_migration`]).
 //! Flow state (conntrack, affinity, socket rev-NAT) is copied over where
 //! its layout did not change.
+//!
+//! The programs log rare events (malformed packets, full tables, SNAT port
+//! exhaustion, inconsistent maps) through aya-log: [`Datapath::forward_logs`]
+//! turns them into lines of the agent's own log.
 
 mod migrate;
 mod mounts;
@@ -34,7 +38,9 @@ use aya::{
         xdp::{XdpLink, XdpMode as AyaXdpMode},
     },
 };
+use aya_log::{EbpfLogger, Level};
 use proxy_common::{map_names, map_sizes};
+use tokio::io::{Interest, unix::AsyncFd};
 
 pub use mounts::{check_bpffs, check_cgroup2, default_cgroup2};
 
@@ -112,6 +118,35 @@ impl XdpMode {
     }
 }
 
+/// The most verbose level the programs log at (`--datapath-log-level`).
+/// Fixed at load time: the verifier drops the lines above it, so they cost
+/// nothing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DatapathLogLevel {
+    Off,
+    Error,
+    #[default]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl DatapathLogLevel {
+    /// The value of aya-log-ebpf's `AYA_LOG_LEVEL` global: levels up to it
+    /// are logged, 0 logs nothing.
+    fn aya_log_level(self) -> u8 {
+        match self {
+            DatapathLogLevel::Off => 0,
+            DatapathLogLevel::Error => Level::Error as u8,
+            DatapathLogLevel::Warn => Level::Warn as u8,
+            DatapathLogLevel::Info => Level::Info as u8,
+            DatapathLogLevel::Debug => Level::Debug as u8,
+            DatapathLogLevel::Trace => Level::Trace as u8,
+        }
+    }
+}
+
 const MAPS_DIR: &str = "maps";
 const STAGING_DIR: &str = "maps_next";
 const RETIRED_DIR: &str = "maps_old";
@@ -170,7 +205,11 @@ impl Datapath {
     /// Loads the object against the pinned maps: those of `<bpffs>/maps/`
     /// when they have this build's layout and `capacities`, otherwise new
     /// ones in the staging directory (a migration).
-    pub fn load(bpffs: &Path, capacities: &Capacities) -> Result<Self> {
+    pub fn load(
+        bpffs: &Path,
+        capacities: &Capacities,
+        log_level: DatapathLogLevel,
+    ) -> Result<Self> {
         check_bpffs(bpffs)?;
         for dir in [LINKS_DIR, MAPS_DIR] {
             fs::create_dir_all(bpffs.join(dir))
@@ -182,16 +221,16 @@ impl Datapath {
         // the current maps still serve, so it is built anew.
         remove_dir_if_present(&staging)?;
         if migrate::is_empty(&current)? {
-            let ebpf = load_pinned(&current, capacities)?;
+            let ebpf = load_pinned(&current, capacities, log_level)?;
             return Ok(Self::new(ebpf, bpffs, current, false));
         }
-        let staged = load_pinned(&staging, capacities)?;
+        let staged = load_pinned(&staging, capacities, log_level)?;
         let differences = migrate::differences(&current, &staging)?;
         if differences.is_empty() {
             drop(staged);
             fs::remove_dir_all(&staging)
                 .with_context(|| format!("removing {}", staging.display()))?;
-            let ebpf = load_pinned(&current, capacities)?;
+            let ebpf = load_pinned(&current, capacities, log_level)?;
             return Ok(Self::new(ebpf, bpffs, current, false));
         }
         tracing::info!(
@@ -224,6 +263,27 @@ impl Datapath {
     /// them here).
     pub fn maps_dir(&self) -> &Path {
         &self.maps_dir
+    }
+
+    /// Forwards what the programs log into the agent's log (`tracing`,
+    /// through the `log` bridge, targets `proxy_ebpf::*`) for as long as
+    /// the runtime runs. Programs of an earlier agent that are still
+    /// attached log into their own ring, which nobody reads.
+    pub fn forward_logs(&mut self) -> Result<()> {
+        let logger =
+            EbpfLogger::init(&mut self.ebpf).context("opening the programs' log ring (aya-log)")?;
+        // SAFETY: the logger owns the ring's map fd and keeps it open, the
+        // same fd, until it is dropped together with the AsyncFd.
+        let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
+            .map_err(std::io::Error::from)
+            .context("watching the programs' log ring")?;
+        tokio::spawn(async move {
+            while let Ok(mut ready) = logger.readable_mut().await {
+                ready.get_inner_mut().flush();
+                ready.clear_ready();
+            }
+        });
+        Ok(())
     }
 
     /// Whether the maps are new ones that must be filled before
@@ -352,14 +412,17 @@ impl Datapath {
 }
 
 /// Loads the object with every map pinned in `dir` (created there when
-/// missing) at the given capacities.
-fn load_pinned(dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
+/// missing) at the given capacities. The log ring and the log rate limiter
+/// are not pinned: they belong to one load of the programs.
+fn load_pinned(dir: &Path, capacities: &Capacities, log_level: DatapathLogLevel) -> Result<Ebpf> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let map_pins: Vec<(&str, PathBuf)> = map_names::ALL
         .iter()
         .map(|name| (*name, dir.join(name)))
         .collect();
+    let aya_log_level = log_level.aya_log_level();
     let mut loader = EbpfLoader::new();
+    loader.override_global(aya_log::LEVEL, &aya_log_level, true);
     for (name, path) in &map_pins {
         loader.map_pin_path(name, path.as_path());
     }
@@ -369,7 +432,8 @@ fn load_pinned(dir: &Path, capacities: &Capacities) -> Result<Ebpf> {
 
 /// Loads the object with maps of its own, pinned nowhere and attached to
 /// nothing: for running the programs on crafted packets
-/// (`BPF_PROG_TEST_RUN`) in tests and benchmarks.
+/// (`BPF_PROG_TEST_RUN`) in tests and benchmarks. Every log level stays
+/// on, so the verifier checks every log line.
 pub fn load_detached(capacities: &Capacities) -> Result<Ebpf> {
     load_with(&mut EbpfLoader::new(), capacities)
 }

@@ -20,7 +20,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service},
     discovery::v1::EndpointSlice,
 };
-use serde::Deserialize;
+use serde_json::Value;
 use tokio::sync::watch;
 
 use super::SourceStatus;
@@ -334,10 +334,12 @@ fn load_file(
     // read of this version and keeps the previous one.
     let mut objects = BTreeMap::new();
     let mut findings = Vec::new();
-    // JSON is YAML, so one parser reads both.
-    for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let document = match serde_yaml::Value::deserialize(document) {
-            Ok(serde_yaml::Value::Null) => continue,
+    // JSON is YAML, so one parser reads both; empty documents yield nothing.
+    let mut reader = text.as_bytes();
+    for (index, document) in
+        serde_saphyr::read_with_options(&mut reader, yaml_options()).enumerate()
+    {
+        let document: Value = match document {
             Ok(document) => document,
             Err(err) => {
                 report(
@@ -387,6 +389,20 @@ fn load_file(
     objects
 }
 
+/// How manifests are read: YAML 1.2, typed the way serde_yaml typed it
+/// (only `true`/`false` are booleans, so a label `on: y` stays a string;
+/// numbers spelt with leading zeros or underscores stay strings). No
+/// parser budget: the directory is the operator's own input, and a
+/// cluster's worth of objects in one file exceeds the default limits.
+pub fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: None,
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+    }
+}
+
 fn hash(text: &str) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -396,19 +412,19 @@ fn hash(text: &str) -> u64 {
 
 /// `kind: List` (what `kubectl get -o yaml` writes) holds its objects in
 /// `items`.
-fn flatten_lists(document: serde_yaml::Value) -> Vec<serde_yaml::Value> {
+fn flatten_lists(document: Value) -> Vec<Value> {
     if document.get("kind").and_then(|k| k.as_str()) == Some("List")
-        && let serde_yaml::Value::Mapping(mut list) = document
+        && let Value::Object(mut list) = document
     {
         return match list.remove("items") {
-            Some(serde_yaml::Value::Sequence(items)) => items,
+            Some(Value::Array(items)) => items,
             _ => Vec::new(),
         };
     }
     vec![document]
 }
 
-fn object_id(item: &serde_yaml::Value) -> Option<ObjectId> {
+fn object_id(item: &Value) -> Option<ObjectId> {
     let kind = item.get("kind")?.as_str()?.to_string();
     let metadata = item.get("metadata")?;
     let name = metadata.get("name")?.as_str()?.to_string();
@@ -423,12 +439,12 @@ fn object_id(item: &serde_yaml::Value) -> Option<ObjectId> {
     })
 }
 
-fn typed<T: serde::de::DeserializeOwned>(item: serde_yaml::Value) -> Result<T> {
-    serde_yaml::from_value(item).context("does not match the API schema")
+fn typed<T: serde::de::DeserializeOwned>(item: Value) -> Result<T> {
+    serde_json::from_value(item).context("does not match the API schema")
 }
 
 /// One object: its identity and validated content, or why it is rejected.
-fn parse_object(item: serde_yaml::Value) -> Result<(ObjectId, Parsed)> {
+fn parse_object(item: Value) -> Result<(ObjectId, Parsed)> {
     let text = |field: &str| {
         item.get(field)
             .and_then(|value| value.as_str())

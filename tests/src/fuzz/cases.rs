@@ -194,7 +194,7 @@ impl Corpus {
             let name = file.file_stem().unwrap_or_default().to_string_lossy();
             let text = fs::read_to_string(file)?;
             let fixture: FixturePackets =
-                serde_yaml::from_str(&text).with_context(|| format!("parsing {name}"))?;
+                serde_saphyr::from_str(&text).with_context(|| format!("parsing {name}"))?;
             for (step, FixtureStep { packet }) in fixture.steps.iter().enumerate() {
                 let step_name = format!("{name} step {}", step + 1);
                 let variants = SUBSTITUTIONS.iter().filter_map(|replacements| {

@@ -71,7 +71,7 @@ fn poll_change(source: &mut ManifestsSource) -> Poll {
 fn multi_document_yaml_and_json_are_read() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "web.yaml", &format!("{WEB}---\n{WEB_SLICE}"));
-    let api: serde_json::Value = serde_yaml::from_str(API).unwrap();
+    let api: serde_json::Value = serde_saphyr::from_str(API).unwrap();
     write(dir.path(), "api.json", &api.to_string());
     write(dir.path(), "notes.txt", "not a manifest");
 
@@ -112,17 +112,13 @@ fn rule_03_first_poll_yields_a_snapshot_even_when_empty_then_only_changes() {
 #[test]
 fn list_kind_is_flattened() {
     let dir = tempfile::tempdir().unwrap();
-    let web: serde_yaml::Value = serde_yaml::from_str(WEB).unwrap();
-    let api: serde_yaml::Value = serde_yaml::from_str(API).unwrap();
-    let list = serde_yaml::to_string(&serde_yaml::Value::Mapping(
-        [
-            ("apiVersion".into(), "v1".into()),
-            ("kind".into(), "List".into()),
-            ("items".into(), serde_yaml::Value::Sequence(vec![web, api])),
-        ]
-        .into_iter()
-        .collect(),
-    ))
+    let web: serde_json::Value = serde_saphyr::from_str(WEB).unwrap();
+    let api: serde_json::Value = serde_saphyr::from_str(API).unwrap();
+    let list = serde_saphyr::to_string(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [web, api],
+    }))
     .unwrap();
     write(dir.path(), "all.yaml", &list);
     let snapshot = ManifestsSource::new(dir.path(), "n")
@@ -355,4 +351,17 @@ fn unreadable_directory_is_an_error() {
     let mut source = ManifestsSource::new(dir.path().join("missing"), "n");
     let err = source.poll().unwrap_err();
     assert!(format!("{err:#}").contains("missing"), "{err:#}");
+}
+
+#[test]
+fn yaml_is_typed_as_serde_yaml_typed_it() {
+    let value: serde_json::Value = serde_saphyr::from_str_with_options(
+        "a: y\nb: on\nc: true\nd: 0755\ne: 1_000\nf: 80\n",
+        yaml_options(),
+    )
+    .unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({"a": "y", "b": "on", "c": true, "d": "0755", "e": "1_000", "f": 80})
+    );
 }
