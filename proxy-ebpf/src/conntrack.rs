@@ -4,12 +4,17 @@
 //! (rule 22). The agent expires idle entries (timeouts by state).
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
-use proxy_common::{CtEntry, Flow4, ct_state, proto};
+use proxy_common::{CtEntry, Flow4, ct_state, ct_timeouts, proto};
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK},
+    maps::{BACKENDS, CONNTRACK, CT_REPLY, REV_NAT},
     parse::tcp_flags,
 };
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+/// How long a closed TCP flow keeps its SNAT tuple for stragglers (the
+/// last ACK, a retransmitted FIN) before a new flow may take it.
+const CLOSED_GRACE_NS: u64 = NANOS_PER_SEC;
 
 #[inline(always)]
 pub fn now() -> u64 {
@@ -82,6 +87,45 @@ fn backend_current(entry: &CtEntry) -> bool {
         }
         None => false,
     }
+}
+
+/// Whether the flow that holds reply tuple `reply_key` (an SNAT source
+/// port towards a backend) is over, so a new flow may take the tuple
+/// before the agent's collector gets to it: its conntrack entry is gone or
+/// has moved to another tuple, it closed more than a moment ago, or it
+/// idled past its timeout. Such a flow's conntrack entry is removed here,
+/// so a late packet of it cannot enter the new flow.
+#[inline(always)]
+pub fn holder_over(reply_key: &Flow4) -> bool {
+    let Some(held) = CT_REPLY.get_ptr(reply_key) else {
+        return true;
+    };
+    let held = unsafe { *held };
+    let Some(frontend) = REV_NAT.get_ptr(held.rev_nat_id) else {
+        return true;
+    };
+    let frontend = unsafe { *frontend };
+    let original = Flow4::new(
+        held.client_addr,
+        frontend.addr,
+        held.client_port,
+        frontend.port,
+        reply_key.proto,
+    );
+    let Some(entry) = CONNTRACK.get_ptr(original) else {
+        return true;
+    };
+    let entry = unsafe { *entry };
+    if entry.nat_addr != reply_key.daddr || entry.nat_port != reply_key.dport {
+        return true;
+    }
+    let idle = now().saturating_sub(entry.last_seen);
+    let over = (entry.state == ct_state::TCP_CLOSING && idle > CLOSED_GRACE_NS)
+        || idle > ct_timeouts::of(entry.state) * NANOS_PER_SEC;
+    if over {
+        let _ = CONNTRACK.remove(original);
+    }
+    over
 }
 
 /// Marks a reply of the flow `original` (client -> frontend) as seen.

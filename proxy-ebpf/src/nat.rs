@@ -17,7 +17,7 @@ use aya_ebpf::{
 use proxy_common::{Counter, CtReply, Flow4, nat_ports};
 
 use crate::{
-    csum,
+    conntrack, csum,
     maps::{CT_REPLY, count},
     parse::{
         BPF_F_MARK_MANGLED_0, IP_CSUM, IP_DST, IP_OFF, IP_SRC, IP_TTL, Ipv4, Ports, ptr_at_mut,
@@ -180,7 +180,10 @@ pub fn redirect(route: &Route) -> i32 {
 
 /// Claims a free SNAT port on `nat_addr` towards the flow's backend by
 /// inserting the reply entry under it: the insert only succeeds for a
-/// reply tuple nobody holds, so two flows never share one.
+/// reply tuple nobody holds, so two flows never share one. A tuple still
+/// held by a flow that is over is taken over: at high connection rates the
+/// range would otherwise fill with closed flows between two runs of the
+/// agent's collector.
 #[inline(always)]
 pub fn claim_snat_port(
     backend_addr: u32,
@@ -195,7 +198,9 @@ pub fn claim_snat_port(
         let port = (nat_ports::FIRST as u32 + random % SPAN) as u16;
         let port = port.to_be();
         let key = Flow4::new(backend_addr, nat_addr, backend_port, port, protocol);
-        if CT_REPLY.insert(key, *reply, BPF_NOEXIST as u64).is_ok() {
+        if CT_REPLY.insert(key, *reply, BPF_NOEXIST as u64).is_ok()
+            || (conntrack::holder_over(&key) && CT_REPLY.insert(key, *reply, 0).is_ok())
+        {
             return Some(port);
         }
     }
