@@ -119,9 +119,9 @@ pub fn nftables(services: &[RuleService]) -> String {
         "  }\n\
          \x20 chain mark-for-masquerade {\n    mark set mark or 0x4000\n  }\n\
          \x20 chain masquerading {\n    mark and 0x4000 == 0 return\n    mark set mark xor 0x4000\n    masquerade fully-random\n  }\n\
-         \x20 chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n\
-         \x20 chain nat-output {\n    type nat hook output priority dstnat; policy accept;\n    jump services\n  }\n\
-         \x20 chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n\
+         \x20 chain nat-prerouting {\n    type nat hook prerouting priority -100; policy accept;\n    jump services\n  }\n\
+         \x20 chain nat-output {\n    type nat hook output priority -100; policy accept;\n    jump services\n  }\n\
+         \x20 chain nat-postrouting {\n    type nat hook postrouting priority 100; policy accept;\n    jump masquerading\n  }\n\
          \x20 chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n    \
          fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports\n  }\n",
     );
