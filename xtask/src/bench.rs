@@ -29,10 +29,15 @@
 //!    namespace, the agent on `--kubeconfig`: start to `/healthz` 200 (and
 //!    whether every frontend and backend was programmed then), one
 //!    EndpointSlice change applied to the double until `services` shows it,
-//!    memory, the sync metrics; at 10k x 10 and 5k x 10.
+//!    memory, the sync metrics; at 10k x 10 and 5k x 10. At 10k, also
+//!    the tail: many changes one after the other (`control_tail`).
+//! 4. ns per packet of the tc programs (`packets`).
+//! 5. NodePort from outside through the two-node box (`nodeport`).
+//! 6. iperf3 streams through a NodePort (`throughput`).
 //!
-//! `--only-control-plane` skips section 1; `--control-plane-source
-//! manifests|kube` runs only section 2 or 3.
+//! Every run writes its report, the goals and a chart to `bench/results/`
+//! (`results`). `--only-control-plane` skips sections 1, 4, 5 and 6;
+//! `--control-plane-source manifests|kube` runs only section 2 or 3.
 //!
 //! Our processes run at nice -10 (inherited from here) so that other work
 //! on a shared machine disturbs them less; the report shows the load.
