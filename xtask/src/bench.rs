@@ -29,10 +29,15 @@
 //!    namespace, the agent on `--kubeconfig`: start to `/healthz` 200 (and
 //!    whether every frontend and backend was programmed then), one
 //!    EndpointSlice change applied to the double until `services` shows it,
-//!    memory, the sync metrics; at 10k x 10 and 5k x 10.
+//!    memory, the sync metrics; at 10k x 10 and 5k x 10. At 10k, also
+//!    the tail: many changes one after the other (`control_tail`).
+//! 4. ns per packet of the tc programs (`packets`).
+//! 5. NodePort from outside through the two-node box (`nodeport`).
+//! 6. iperf3 streams through a NodePort (`throughput`).
 //!
-//! `--only-control-plane` skips section 1; `--control-plane-source
-//! manifests|kube` runs only section 2 or 3.
+//! Every run writes its report, the goals and a chart to `bench/results/`
+//! (`results`). `--only-control-plane` skips sections 1, 4, 5 and 6;
+//! `--control-plane-source manifests|kube` runs only section 2 or 3.
 //!
 //! Our processes run at nice -10 (inherited from here) so that other work
 //! on a shared machine disturbs them less; the report shows the load.
@@ -45,7 +50,12 @@
 //! at the next start. Every loop is bounded by a count or a deadline.
 //! Nothing asserts on timings; a layout that does not work is reported.
 
+mod control_tail;
+mod nodeport;
+mod nodeport_rules;
 mod packets;
+mod results;
+mod throughput;
 
 use crate::{cargo, run, setup, target_dir};
 use anyhow::{Context, Result, bail};
@@ -143,10 +153,15 @@ pub fn bench(opts: Options) -> Result<()> {
         eprintln!("bench: removed leftover {what}");
     }
     let report = result?;
+    let text = render(&report);
+    match results::write(&report, &text) {
+        Ok(path) => eprintln!("bench: results written to {}", path.display()),
+        Err(e) => eprintln!("bench: the results were not written: {e:#}"),
+    }
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render(&report));
+        print!("{text}");
     }
     Ok(())
 }
@@ -213,15 +228,19 @@ fn run_bench(opts: &Options, niced: bool) -> Result<Value> {
     }
     if !opts.only_control_plane {
         report["packet_datapath"] = packets::per_packet(opts.quick)?;
+        let (np, streams) = nodeport::section(counts, seconds, rounds, opts)?;
+        report["nodeport"] = np;
+        report["throughput"] = streams;
     }
+    let tail_changes = if opts.quick { 100 } else { 1000 };
     let source = opts.control_plane_source;
     if !opts.skip_control_plane && source != ControlPlaneSource::Kube {
-        let mut runs = vec![control_plane(10_000, 10, Source::Manifests)?];
+        let mut runs = vec![control_plane(10_000, 10, Source::Manifests, 0)?];
         if runs[0]["start_to_healthy_s"].is_null() {
             // The agent could not program 10k x 10: measure the largest
             // round size that fits its 65536-entry maps, for comparison.
             eprintln!("bench: control plane: 10000x10 did not program; measuring 5000x10 as well");
-            runs.push(control_plane(5_000, 10, Source::Manifests)?);
+            runs.push(control_plane(5_000, 10, Source::Manifests, 0)?);
         }
         report["control_plane"] = json!(runs);
     }
@@ -229,8 +248,8 @@ fn run_bench(opts: &Options, niced: bool) -> Result<Value> {
         // Both sizes, always: 5k x 10 is the comparison point whether or
         // not 10k x 10 fits.
         let runs = vec![
-            control_plane(10_000, 10, Source::Kube)?,
-            control_plane(5_000, 10, Source::Kube)?,
+            control_plane(10_000, 10, Source::Kube, tail_changes)?,
+            control_plane(5_000, 10, Source::Kube, 0)?,
         ];
         report["control_plane_kube"] = json!(runs);
     }
@@ -641,6 +660,32 @@ fn parse_utc(ts: &str) -> Option<f64> {
     Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + sec)
 }
 
+/// A "synced" line of the agent's log: Some(its time in unix seconds,
+/// whether it wrote anything to the maps) when the time parses.
+fn synced_line(line: &str) -> Option<Option<(f64, bool)>> {
+    if !line.contains(" synced ") {
+        return None;
+    }
+    let wrote = [
+        "frontends_written",
+        "frontends_deleted",
+        "backends_added",
+        "backends_deleted",
+    ]
+    .iter()
+    .any(|k| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .is_some_and(|v| v != "0")
+    });
+    Some(
+        line.split_whitespace()
+            .next()
+            .and_then(parse_utc)
+            .map(|t| (t, wrote)),
+    )
+}
+
 fn scan_log(path: &Path) -> LogScan {
     use std::io::BufRead as _;
     let mut scan = LogScan::default();
@@ -675,24 +720,12 @@ fn scan_log(path: &Path) -> LogScan {
             if scan.probe_error.is_none() && line.contains("bench/probe") {
                 scan.probe_error = Some(line.to_string());
             }
-        } else if line.contains(" synced ") {
+        } else if let Some(sync) = synced_line(line) {
             scan.last_synced = Some(line.to_string());
-            let wrote = [
-                "frontends_written",
-                "frontends_deleted",
-                "backends_added",
-                "backends_deleted",
-            ]
-            .iter()
-            .any(|k| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                    .is_some_and(|v| v != "0")
-            });
-            if let Some(t) = line.split_whitespace().next().and_then(parse_utc)
+            if let Some(sync) = sync
                 && scan.syncs.len() < 100_000
             {
-                scan.syncs.push((t, wrote));
+                scan.syncs.push(sync);
             }
         }
         buf.clear();
@@ -1247,7 +1280,14 @@ fn time_double_lists(ns: &Netns, api: &ApiServer) -> Option<f64> {
     thread::spawn(measure).join().ok().flatten()
 }
 
-fn control_plane(services: usize, endpoints: usize, source: Source) -> Result<Value> {
+/// `tail_changes`: how many endpoint changes, one after the other, to
+/// time for the tail (0: none).
+fn control_plane(
+    services: usize,
+    endpoints: usize,
+    source: Source,
+    tail_changes: usize,
+) -> Result<Value> {
     let size = format!("{services}x{endpoints}");
     let label = match source {
         Source::Manifests => format!("control plane {size}"),
@@ -1476,8 +1516,14 @@ fn control_plane(services: usize, endpoints: usize, source: Source) -> Result<Va
     } else {
         json!(median(&poll_costs))
     };
+    if tail_changes > 0 && change_problem.is_none() {
+        eprintln!("bench: {label}: {tail_changes} endpoint changes, one after the other");
+        out["endpoint_change_tail"] =
+            control_tail::endpoint_changes(&feed, &agent.log, tail_changes)?;
+    }
     out["change_problem"] = json!(change_problem);
     out["rss_kib"] = json!(status_kib(agent.pid(), "VmRSS:"));
+    out["maps_memlock_bytes"] = json!(control_tail::maps_memlock_bytes(agent.pid()));
     out["hwm_kib"] = json!(status_kib(agent.pid(), "VmHWM:"));
     out["agent_cpu_s"] = json!(cpu_seconds(agent.pid()));
     out["agent_age_s"] = json!(agent.started.elapsed().as_secs_f64());
@@ -1593,6 +1639,13 @@ fn render(r: &Value) -> String {
     if r["packet_datapath"].is_object() {
         packets::render(&mut s, &r["packet_datapath"]);
     }
+    if r["nodeport"].is_object() {
+        nodeport::render(&mut s, &r["nodeport"]);
+    }
+    if r["throughput"].is_object() {
+        throughput::render(&mut s, &r["throughput"]);
+    }
+    results::render_goals(&mut s, r);
     let _ = writeln!(
         s,
         "\ntotal {:.0} s",
@@ -1827,6 +1880,21 @@ fn render_control_plane(s: &mut String, cp: &Value) {
             1000.0 * sum / count
         );
     }
+    let tail = &cp["endpoint_change_tail"];
+    if tail.is_object() {
+        let _ = writeln!(
+            s,
+            "    {} endpoint changes one after the other, apply -> sync logged: p50 {}, p99 {}, max {}{}",
+            tail["changes"],
+            ms(&tail["p50_s"]),
+            ms(&tail["p99_s"]),
+            ms(&tail["max_s"]),
+            tail["problem"]
+                .as_str()
+                .map(|p| format!(" (stopped: {p})"))
+                .unwrap_or_default()
+        );
+    }
     let _ = writeln!(
         s,
         "    one `ebpf-proxy services` call:     {} (the poll's resolution)",
@@ -1838,6 +1906,14 @@ fn render_control_plane(s: &mut String, cp: &Value) {
         mib(&cp["rss_kib"]),
         mib(&cp["rss_kib_after_start"]),
         mib(&cp["hwm_kib"]),
+    );
+    let _ = writeln!(
+        s,
+        "    kernel memory of its maps:          {} (memlock of the map fds it holds)",
+        cp["maps_memlock_bytes"]
+            .as_f64()
+            .map(|b| format!("{:.1} MiB", b / 1048576.0))
+            .unwrap_or_else(|| "-".into())
     );
     let _ = writeln!(
         s,

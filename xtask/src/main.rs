@@ -54,8 +54,9 @@ enum Cmd {
         requests: u32,
     },
     /// Benchmarks: connection rate vs. direct, iptables and nftables
-    /// layouts (N = 1, 1k, 10k services); control plane at 10k services, from
-    /// manifests and from the API server double.
+    /// layouts (N = 1, 1k, 10k services) to a ClusterIP and from outside to
+    /// a NodePort; iperf3 streams; control plane at 10k services, from
+    /// manifests and from the API server double. Writes bench/results/.
     Bench {
         /// Shorter: N = 1 and 1000, 1 s per run.
         #[arg(long)]

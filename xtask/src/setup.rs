@@ -13,6 +13,7 @@ use std::{
 /// iptables and nftables: `cargo xtask bench` compares against kube-proxy's
 /// rule layouts (loaded inside the bench's own namespaces only). ethtool:
 /// the cluster box turns on GRO where XDP sends frames into a veth.
+/// iperf3: the bench's stream throughput through a NodePort.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "ethtool",
+    "iperf3",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release that builds with this toolchain and LLVM 22 (a
