@@ -534,8 +534,8 @@ pub mod nat_ports {
     pub const FIRST: u16 = 61_000;
     pub const LAST: u16 = 65_535;
     /// Random ports tried before a new flow counts as NAT exhaustion: with
-    /// the range 90% taken, 16 tries still find a free port 5 times in 6.
-    pub const TRIES: u32 = 16;
+    /// the range 90% taken, 32 tries still find a free port 24 times in 25.
+    pub const TRIES: u32 = 32;
 }
 
 /// Datapath counters, indices of `lb_counters`.
