@@ -105,6 +105,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
 
     programs::check_devices(&config.devices)?;
+    programs::check_cgroup2(&config.cgroup)?;
     let mut datapath =
         programs::Datapath::load(&config.bpffs, &config.capacities, config.datapath_log_level)?;
     datapath.forward_logs()?;

@@ -548,11 +548,14 @@ fn agent_without_cgroup2_or_bpffs_exits_with_advice() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let unused_pins = std::path::Path::new("/sys/fs/bpf/epsl-unused");
     let no_cgroup2 = run(&["--cgroup", "/tmp", "--bpffs", "/sys/fs/bpf/epsl-unused"]);
     assert!(
         no_cgroup2.contains("not a cgroup v2 directory"),
         "{no_cgroup2}"
     );
+    // Bad flags fail before the datapath changes.
+    assert!(!unused_pins.exists(), "a bad --cgroup left pins behind");
     let no_bpffs = run(&["--bpffs", "/tmp/epsl-not-bpffs"]);
     assert!(no_bpffs.contains("not on a BPF file system"), "{no_bpffs}");
 }
