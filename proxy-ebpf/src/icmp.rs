@@ -93,8 +93,7 @@ fn translate(ctx: &TcContext, ip: &Ipv4, direction: Direction) -> Option<i32> {
     }
     // Everything that can refuse the error is decided before its first
     // byte changes: a half-translated error is never sent on.
-    if ip.ttl <= 1 {
-        count(Counter::DroppedTtlExceeded);
+    if nat::hop_left(ip).is_err() {
         return Some(TC_ACT_SHOT as i32);
     }
     let to_client = Ports {

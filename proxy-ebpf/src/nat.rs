@@ -76,15 +76,23 @@ pub fn rewrite(
     Ok(())
 }
 
+/// A packet this program forwards must have a hop left; one without is
+/// dropped and counted.
+#[inline(always)]
+pub fn hop_left(ip: &Ipv4) -> Result<(), ()> {
+    if ip.ttl <= 1 {
+        count(Counter::DroppedTtlExceeded);
+        return Err(());
+    }
+    Ok(())
+}
+
 /// Takes one hop off the TTL of a packet this program forwards itself
 /// (the kernel's forwarding, which would, is bypassed). A packet with no
 /// hop left is dropped and counted.
 #[inline(always)]
 pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4) -> Result<(), ()> {
-    if ip.ttl <= 1 {
-        count(Counter::DroppedTtlExceeded);
-        return Err(());
-    }
+    hop_left(ip)?;
     let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
     let new = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
     ctx.store(IP_OFF + IP_TTL, &(ip.ttl - 1), 0)
@@ -250,10 +258,7 @@ pub fn rewrite_in_place(
 /// XDP's [`decrement_ttl`].
 #[inline(always)]
 pub fn decrement_ttl_in_place(ctx: &XdpContext, ip: &Ipv4) -> Result<(), ()> {
-    if ip.ttl <= 1 {
-        count(Counter::DroppedTtlExceeded);
-        return Err(());
-    }
+    hop_left(ip)?;
     let ttl = ptr_at_mut::<[u8; 2]>(ctx, IP_OFF + IP_TTL).ok_or(())?;
     let ip_csum = ptr_at_mut::<[u8; 2]>(ctx, IP_OFF + IP_CSUM).ok_or(())?;
     let old = u16::from_ne_bytes([ip.ttl, ip.proto]);

@@ -1654,6 +1654,26 @@ fn render(r: &Value) -> String {
     s
 }
 
+/// The notes column of a connection-rate cell: why it was not measured,
+/// its errors, the agent's CPU.
+fn cell_notes(c: &Value) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(p) = c["problem"].as_str() {
+        notes.push(format!("NOT MEASURED: {p}"));
+    }
+    if c["errors"].as_u64().unwrap_or(0) > 0 {
+        notes.push(format!(
+            "{} errors (first: {})",
+            c["errors"],
+            c["first_error"].as_str().unwrap_or("?")
+        ));
+    }
+    if let Some(cpu) = c["agent_cpu_fraction"].as_f64() {
+        notes.push(format!("agent CPU {:.1}%", cpu * 100.0));
+    }
+    notes
+}
+
 fn render_connection_rate(s: &mut String, rate: &Value) {
     let _ = writeln!(
         s,
@@ -1703,20 +1723,7 @@ fn render_connection_rate(s: &mut String, rate: &Value) {
                 }
                 _ => "-".to_string(),
             };
-            let mut notes = Vec::new();
-            if let Some(p) = c["problem"].as_str() {
-                notes.push(format!("NOT MEASURED: {p}"));
-            }
-            if c["errors"].as_u64().unwrap_or(0) > 0 {
-                notes.push(format!(
-                    "{} errors (first: {})",
-                    c["errors"],
-                    c["first_error"].as_str().unwrap_or("?")
-                ));
-            }
-            if let Some(cpu) = c["agent_cpu_fraction"].as_f64() {
-                notes.push(format!("agent CPU {:.1}%", cpu * 100.0));
-            }
+            let notes = cell_notes(c);
             let _ = writeln!(
                 s,
                 "  {:<16} {:>6} {:>8} {:>7} {:>8} {:>7} {:>6} {:>10} {:>8}  {}",

@@ -769,42 +769,12 @@ fn check_answer(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use proxy_common::{ServiceValue, scope};
-
     use super::*;
-    use crate::{
-        fuzz::topology::{BackendInfo, Master},
-        tc::{self, PacketSpec},
-    };
+    use crate::tc::{self, PacketSpec};
 
     /// 192.168.0.2:30081/tcp -> local 10.244.1.11:8080 (backend 1).
     fn topology() -> Topology {
-        let frontend: SocketAddrV4 = "192.168.0.2:30081".parse().unwrap();
-        Topology {
-            masters: vec![Master {
-                frontend,
-                proto: proto::TCP,
-                scope: scope::EXTERNAL,
-                value: ServiceValue {
-                    count: 1,
-                    rev_nat_id: 1,
-                    svc_id: 1,
-                    ..ServiceValue::slot(0)
-                },
-                backend_ids: vec![1],
-            }],
-            backends: BTreeMap::from([(
-                1,
-                BackendInfo {
-                    at: "10.244.1.11:8080".parse().unwrap(),
-                    proto: proto::TCP,
-                    local: true,
-                },
-            )]),
-            rev_nat: BTreeMap::from([(1, frontend)]),
-        }
+        Topology::one_frontend("192.168.0.2:30081", "10.244.1.11:8080", true)
     }
 
     fn packet(src: &str, dst: &str, payload: &str) -> Vec<u8> {

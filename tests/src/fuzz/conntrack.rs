@@ -222,39 +222,11 @@ fn show(flow: &Flow4) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::SocketAddrV4;
-
-    use proxy_common::ServiceValue;
-
     use super::*;
-    use crate::fuzz::topology::{BackendInfo, Master};
 
     /// 192.168.0.2:30080/tcp -> remote 10.244.2.11:8080 (backend 1).
     fn topology() -> Topology {
-        let frontend: SocketAddrV4 = "192.168.0.2:30080".parse().unwrap();
-        Topology {
-            masters: vec![Master {
-                frontend,
-                proto: proto::TCP,
-                scope: scope::EXTERNAL,
-                value: ServiceValue {
-                    count: 1,
-                    rev_nat_id: 1,
-                    svc_id: 1,
-                    ..ServiceValue::slot(0)
-                },
-                backend_ids: vec![1],
-            }],
-            backends: BTreeMap::from([(
-                1,
-                BackendInfo {
-                    at: "10.244.2.11:8080".parse().unwrap(),
-                    proto: proto::TCP,
-                    local: false,
-                },
-            )]),
-            rev_nat: BTreeMap::from([(1, frontend)]),
-        }
+        Topology::one_frontend("192.168.0.2:30080", "10.244.2.11:8080", false)
     }
 
     /// A SNATed flow from 203.0.113.2:40000 on `nat_port`, and its reply.

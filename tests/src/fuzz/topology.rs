@@ -190,6 +190,36 @@ pub fn is_snat_port(port: u16) -> bool {
 }
 
 impl Topology {
+    /// One external TCP frontend (rev-NAT and service id 1) with one
+    /// backend (id 1): what the checks' unit tests explain packets by.
+    #[cfg(test)]
+    pub fn one_frontend(frontend: &str, backend: &str, local: bool) -> Topology {
+        let frontend: SocketAddrV4 = frontend.parse().unwrap();
+        Topology {
+            masters: vec![Master {
+                frontend,
+                proto: proto::TCP,
+                scope: scope::EXTERNAL,
+                value: ServiceValue {
+                    count: 1,
+                    rev_nat_id: 1,
+                    svc_id: 1,
+                    ..ServiceValue::slot(0)
+                },
+                backend_ids: vec![1],
+            }],
+            backends: BTreeMap::from([(
+                1,
+                BackendInfo {
+                    at: backend.parse().unwrap(),
+                    proto: proto::TCP,
+                    local,
+                },
+            )]),
+            rev_nat: BTreeMap::from([(1, frontend)]),
+        }
+    }
+
     pub fn read(ebpf: &mut Ebpf) -> Result<Topology> {
         let services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue> =
             tc::map(ebpf, map_names::SERVICES)?;

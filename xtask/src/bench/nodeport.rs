@@ -410,20 +410,7 @@ pub fn render(s: &mut String, np: &Value) {
                 .filter(|x| x.is_finite() && *x > 0.0);
             for c in group {
                 let rate = c["rate"].as_f64().filter(|x| x.is_finite());
-                let mut notes = Vec::new();
-                if let Some(p) = c["problem"].as_str() {
-                    notes.push(format!("NOT MEASURED: {p}"));
-                }
-                if c["errors"].as_u64().unwrap_or(0) > 0 {
-                    notes.push(format!(
-                        "{} errors (first: {})",
-                        c["errors"],
-                        c["first_error"].as_str().unwrap_or("?")
-                    ));
-                }
-                if let Some(cpu) = c["agent_cpu_fraction"].as_f64() {
-                    notes.push(format!("agent CPU {:.1}%", cpu * 100.0));
-                }
+                let notes = super::cell_notes(c);
                 let _ = writeln!(
                     s,
                     "  {:<17} {:<7} {:>6} {:>8} {:>7} {:>7} {:>10}  {}",
