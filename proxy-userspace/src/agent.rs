@@ -6,7 +6,6 @@
 //! next agent takes over, or `ebpf-proxy uninstall` removes it.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -26,11 +25,10 @@ use crate::{
     healthcheck::HealthCheckServers,
     host, http,
     maps::PinnedMaps,
-    metrics::Metrics,
+    metrics::{self, Metrics},
     model::{
-        ClusterSnapshot, DesiredState, NodePortAddresses,
+        ClusterSnapshot, DesiredState, HealthCheck, NodePortAddresses, PlanChange, Planner,
         desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
-        desired_state,
         maglev::TableSize,
     },
     programs,
@@ -110,7 +108,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         programs::Datapath::load(&config.bpffs, &config.capacities, config.datapath_log_level)?;
     datapath.forward_logs()?;
     let maps = PinnedMaps::open_in(datapath.maps_dir()).context("opening the pinned maps")?;
-    let mut reconciler = Reconciler::new(maps)
+    let reconciler = Reconciler::new(maps)
         .context("reading back the pinned maps")?
         .with_maglev_table_size(config.maglev_table_size);
     // New maps (a migration) are filled before any program uses them.
@@ -135,49 +133,47 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut conntrack_gc = tokio::spawn(collect_conntrack(config.bpffs.clone(), metrics.clone()));
     let mut sync = SyncLoop {
         health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
+        nodeport_addresses: config.nodeport_addresses.clone(),
+        last_snapshot: None,
+    };
+    if !datapath.migrating() {
+        metrics.set_datapath_fill(&metrics::map_capacities(&config.bpffs));
+    }
+    let mut programmer = Programmer {
+        planner: Planner::default(),
+        reconciler,
         health,
         metrics,
-        nodeport_addresses: config.nodeport_addresses.clone(),
-        last_snapshot: ClusterSnapshot::default(),
-        planned: false,
+        pending: None,
         waiting_since: None,
     };
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut pending: Option<DesiredState> = None;
+    let mut unsettled = false;
     let mut address_check = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + config.resync_interval,
         config.resync_interval,
     );
-    // The last desired state the maps were made equal to: what a resync
-    // programs again.
-    let mut programmed: Option<DesiredState> = None;
 
     loop {
-        tokio::select! {
+        let work = tokio::select! {
             changed = updates.changed() => {
                 if changed.is_err() {
                     bail!("the source stopped");
                 }
-                if let Some(snapshot) = updates.borrow_and_update().clone() {
-                    pending = Some(sync.plan(snapshot).await);
+                let snapshot = updates.borrow_and_update().clone();
+                match snapshot {
+                    Some(snapshot) => Work::Plan(sync.complete(snapshot)),
+                    None => continue,
                 }
             }
-            _ = tokio::time::sleep(RETRY_INTERVAL), if pending.is_some() => {}
-            _ = address_check.tick() => {
-                if let Some(snapshot) = sync.addresses_changed() {
-                    pending = Some(sync.plan(snapshot).await);
-                }
-            }
-            _ = resync.tick() => match reconciler.reread() {
-                Ok(()) => {
-                    if pending.is_none() {
-                        pending = programmed.take();
-                    }
-                }
-                Err(err) => tracing::warn!(error = %err, "cannot read back the maps; resyncing at the next interval"),
+            _ = tokio::time::sleep(RETRY_INTERVAL), if unsettled => Work::Retry,
+            _ = address_check.tick() => match sync.addresses_changed() {
+                Some(snapshot) => Work::Plan(snapshot),
+                None => continue,
             },
+            _ = resync.tick() => Work::Resync,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
             served = &mut servers => {
@@ -192,88 +188,181 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 ended.context("source task")?;
                 bail!("the source stopped");
             }
+        };
+        // Planning and map writes run on a blocking thread: at 100k
+        // Services they take seconds, and /healthz must answer meanwhile.
+        let (returned, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = programmer.run(work);
+            (programmer, outcome)
+        })
+        .await
+        .context("programming task")?;
+        programmer = returned;
+        if let Some(health_checks) = &outcome.health_checks {
+            sync.health_checks.update(health_checks).await;
         }
-        if let Some(desired) = pending.take() {
-            if !sync.program(&mut reconciler, &desired) {
-                pending = Some(desired);
-                continue;
-            }
-            if datapath.migrating() {
-                datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
-                datapath.finish_migration()?;
-            }
-            programmed = Some(desired);
+        unsettled = !outcome.settled;
+        if outcome.settled && datapath.migrating() {
+            datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
+            datapath.finish_migration()?;
+            programmer
+                .metrics
+                .set_datapath_fill(&metrics::map_capacities(&config.bpffs));
         }
     }
     tracing::info!(bpffs = %config.bpffs.display(), "exiting; the datapath stays pinned and keeps serving");
     Ok(())
 }
 
-/// What the loop keeps between snapshots and syncs.
+/// What the async loop keeps between snapshots.
 struct SyncLoop {
-    health: Health,
-    metrics: Metrics,
     health_checks: HealthCheckServers,
     nodeport_addresses: NodePortAddresses,
-    last_snapshot: ClusterSnapshot,
-    /// Whether a snapshot was planned (before, there is nothing to replan).
-    planned: bool,
-    /// Since when a change waits to be programmed.
-    waiting_since: Option<Instant>,
+    /// The last snapshot planned, completed with this host's facts.
+    last_snapshot: Option<ClusterSnapshot>,
 }
 
 impl SyncLoop {
-    /// A new snapshot: completes it with this host's facts, counts what
-    /// changed, and plans the datapath (health-check servers follow at once).
-    async fn plan(&mut self, mut snapshot: ClusterSnapshot) -> DesiredState {
-        self.health.change_pending();
-        self.health
-            .node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
-        self.waiting_since.get_or_insert_with(Instant::now);
-        let (services, slices) = changes(&self.last_snapshot, &snapshot);
-        self.metrics.count_changes(services, slices);
+    /// Completes a source's snapshot with this host's facts.
+    fn complete(&mut self, mut snapshot: ClusterSnapshot) -> ClusterSnapshot {
         snapshot.nodeport_addresses = self.nodeport_addresses.clone();
         snapshot.local_addresses = local_addresses();
-        let desired = plan(&snapshot);
-        let (internal, external) = without_local_endpoints(&desired);
-        self.metrics.set_no_local_endpoints(internal, external);
-        self.health_checks.update(&desired.health_checks).await;
-        self.last_snapshot = snapshot;
-        self.planned = true;
-        desired
+        self.last_snapshot = Some(snapshot.clone());
+        snapshot
     }
 
     /// The last snapshot again when the node's addresses are no longer
     /// those it was planned on.
-    fn addresses_changed(&self) -> Option<ClusterSnapshot> {
-        if !self.planned {
-            return None;
-        }
+    fn addresses_changed(&mut self) -> Option<ClusterSnapshot> {
+        let last = self.last_snapshot.as_mut()?;
         let now = local_addresses();
-        if now == self.last_snapshot.local_addresses {
+        if now == last.local_addresses {
             return None;
         }
         tracing::info!(
-            before = ?self.last_snapshot.local_addresses,
+            before = ?last.local_addresses,
             now = ?now,
             "node addresses changed; replanning NodePorts"
         );
-        Some(self.last_snapshot.clone())
+        last.local_addresses = now;
+        Some(last.clone())
+    }
+}
+
+/// One step of the programmer.
+enum Work {
+    /// A new snapshot: plan what it changed, then program it.
+    Plan(ClusterSnapshot),
+    /// Program again what a sync left undone.
+    Retry,
+    /// Read the maps back and program everything again, putting back what
+    /// anyone else deleted or changed.
+    Resync,
+}
+
+/// What a step tells the async loop.
+struct Outcome {
+    /// Everything planned is programmed (or refused for room: retried on
+    /// every later sync).
+    settled: bool,
+    /// The health checks, when they changed (rule 32).
+    health_checks: Option<Vec<HealthCheck>>,
+}
+
+/// Plans and programs; moved onto a blocking thread for every step.
+struct Programmer {
+    planner: Planner,
+    reconciler: Reconciler<PinnedMaps>,
+    health: Health,
+    metrics: Metrics,
+    /// Planned but not programmed yet.
+    pending: Option<PlanChange>,
+    /// Since when a change waits to be programmed.
+    waiting_since: Option<Instant>,
+}
+
+impl Programmer {
+    fn run(&mut self, work: Work) -> Outcome {
+        let mut health_checks = None;
+        match work {
+            Work::Plan(snapshot) => {
+                let change = self.plan(snapshot);
+                if change.health_checks {
+                    health_checks = Some(self.planner.desired().health_checks.clone());
+                }
+                self.pend(change);
+            }
+            Work::Retry => {}
+            Work::Resync => match self.reconciler.reread() {
+                Ok(()) => self.pend(PlanChange {
+                    everything: true,
+                    ..PlanChange::default()
+                }),
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    "cannot read back the maps; resyncing at the next interval"
+                ),
+            },
+        }
+        Outcome {
+            settled: self.program(),
+            health_checks,
+        }
     }
 
-    /// Programs `desired`; false when part of it failed (retry later).
-    fn program(&mut self, reconciler: &mut Reconciler<PinnedMaps>, desired: &DesiredState) -> bool {
+    /// Plans what `snapshot` changed, counting it.
+    fn plan(&mut self, snapshot: ClusterSnapshot) -> PlanChange {
+        self.health
+            .node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
+        let change = self.planner.apply(snapshot);
+        self.metrics
+            .count_changes(change.services_changed, change.slices_changed);
+        if change.is_empty() {
+            return change;
+        }
+        self.health.change_pending();
+        self.waiting_since.get_or_insert_with(Instant::now);
+        let desired = self.planner.desired();
+        for conflict in &desired.conflicts {
+            tracing::warn!(
+                frontend = %format!("{}:{}/{:?}", conflict.frontend.addr, conflict.frontend.port, conflict.frontend.protocol),
+                kept = %conflict.kept,
+                dropped = %conflict.dropped,
+                "two service ports claim one frontend; the first keeps it"
+            );
+        }
+        let (internal, external) = without_local_endpoints(desired);
+        self.metrics.set_no_local_endpoints(internal, external);
+        change
+    }
+
+    fn pend(&mut self, change: PlanChange) {
+        match &mut self.pending {
+            Some(pending) => pending.merge(change),
+            None if !change.is_empty() => self.pending = Some(change),
+            None => {}
+        }
+    }
+
+    /// Programs what is pending; false when part of it failed (retried).
+    fn program(&mut self) -> bool {
+        let Some(change) = &self.pending else {
+            return true;
+        };
         let started = Instant::now();
-        let report = reconciler.sync(desired);
+        let desired = self.planner.desired();
+        let report = self.reconciler.sync_change(desired, change);
         self.metrics.observe_sync(started.elapsed());
         self.metrics.set_over_capacity(
             report.over_capacity.len() as i64,
             report.wildcards_over_capacity as i64,
         );
+        self.metrics.set_map_entries(&self.reconciler.entries());
         log_report(&report, desired.ports.len());
         if !report.is_complete() {
             return false;
         }
+        self.pending = None;
         self.health.synced();
         if let Some(since) = self.waiting_since.take() {
             self.metrics.observe_programmed(since.elapsed());
@@ -310,18 +399,23 @@ async fn collect_conntrack(bpffs: PathBuf, metrics: Metrics) -> Result<std::conv
     let mut gc = ConntrackGc::new(&bpffs);
     loop {
         tokio::time::sleep(gc.next_interval()).await;
+        let fill_from = bpffs.clone();
         let (returned, result) = tokio::task::spawn_blocking(move || {
             let result = conntrack::monotonic_coarse_ns()
                 .context("reading CLOCK_MONOTONIC_COARSE")
                 .and_then(|now_ns| gc.run_once(now_ns));
-            (gc, result)
+            (
+                gc,
+                result.map(|report| (report, metrics::datapath_fill(&fill_from))),
+            )
         })
         .await
         .context("conntrack GC run")?;
         gc = returned;
         match result {
-            Ok(report) => {
+            Ok((report, fill)) => {
                 metrics.observe_conntrack_gc(&report);
+                metrics.set_datapath_fill(&fill);
                 tracing::debug!(
                     scanned = report.scanned,
                     entries = report.entries,
@@ -361,23 +455,6 @@ fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
     )
 }
 
-/// How many Services and EndpointSlices differ between two snapshots
-/// (added, changed or removed), for the change counters.
-fn changes(before: &ClusterSnapshot, after: &ClusterSnapshot) -> (u64, u64) {
-    fn differing<K: Ord, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> u64 {
-        let changed_or_removed = a
-            .iter()
-            .filter(|(key, value)| b.get(*key) != Some(*value))
-            .count();
-        let added = b.keys().filter(|key| !a.contains_key(*key)).count();
-        (changed_or_removed + added) as u64
-    }
-    (
-        differing(&before.services, &after.services),
-        differing(&before.slices, &after.slices),
-    )
-}
-
 /// This namespace's interface addresses: NodePort candidates.
 fn local_addresses() -> Vec<Ipv4Addr> {
     host::interface_addresses()
@@ -400,19 +477,6 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
         )?,
     };
     kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
-fn plan(snapshot: &ClusterSnapshot) -> DesiredState {
-    let desired = desired_state(snapshot);
-    for conflict in &desired.conflicts {
-        tracing::warn!(
-            frontend = %format!("{}:{}/{:?}", conflict.frontend.addr, conflict.frontend.port, conflict.frontend.protocol),
-            kept = %conflict.kept,
-            dropped = %conflict.dropped,
-            "two service ports claim one frontend; the first keeps it"
-        );
-    }
-    desired
 }
 
 fn log_report(report: &SyncReport, service_ports: usize) {

@@ -1,30 +1,29 @@
 //! `/metrics` (rule 34): kube-proxy's sync metrics under their kube-proxy
 //! names, so existing dashboards and alerts keep working, plus the
-//! datapath's own counters and map fill levels, read from the pinned maps
-//! at scrape time.
+//! datapath's own counters (read at scrape time: one small per-CPU array)
+//! and map fill levels. A scrape walks no map: the fill of the maps the
+//! agent writes comes from the reconciler's mirror after every sync, that
+//! of the maps the datapath writes from the conntrack GC's runs.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use aya::maps::{HashMap, HashOfMaps, LpmTrie, Map, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
-use proxy_common::{
-    AffinityKey, AffinityMatchKey, AffinityValue, Backend, CtEntry, CtReply, Flow4, MaglevKey,
-    RevNat, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SourceRange, map_names,
-};
+use proxy_common::{AffinityKey, AffinityValue, SockRevNatKey, SockRevNatValue, map_names};
 
 use crate::{
     conntrack::{GcReport, Removal},
@@ -62,6 +61,8 @@ pub struct Metrics {
     conntrack_gc_orphans: Counter,
     conntrack_gc_duration: Histogram,
     wildcards_over_capacity: Gauge,
+    map_entries: Family<MapLabel, Gauge>,
+    map_capacity: Family<MapLabel, Gauge>,
 }
 
 impl Metrics {
@@ -83,6 +84,8 @@ impl Metrics {
             conntrack_gc_orphans: Counter::default(),
             conntrack_gc_duration: seconds(),
             wildcards_over_capacity: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,6 +163,16 @@ impl Metrics {
                  come first",
                 metrics.wildcards_over_capacity.clone(),
             );
+            registry.register(
+                "ebpf_proxy_map_entries",
+                "Entries in each datapath map",
+                metrics.map_entries.clone(),
+            );
+            registry.register(
+                "ebpf_proxy_map_capacity",
+                "Maximum entries of each datapath map",
+                metrics.map_capacity.clone(),
+            );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
         }
@@ -203,9 +216,32 @@ impl Metrics {
         self.wildcards_over_capacity.set(wildcards);
     }
 
+    /// Entries of the maps named, as the agent last saw them.
+    pub fn set_map_entries(&self, entries: &[(&'static str, u64)]) {
+        for (map, count) in entries {
+            self.map_entries
+                .get_or_create(&MapLabel { map })
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// What [`datapath_fill`] read.
+    pub fn set_datapath_fill(&self, fill: &DatapathFill) {
+        self.set_map_entries(&fill.entries);
+        for (map, max) in &fill.capacities {
+            self.map_capacity
+                .get_or_create(&MapLabel { map })
+                .set(i64::from(*max));
+        }
+    }
+
     pub fn observe_conntrack_gc(&self, report: &GcReport) {
         self.conntrack_entries.set(report.entries as i64);
         self.conntrack_capacity.set(report.capacity as i64);
+        self.set_map_entries(&[
+            (map_names::CONNTRACK, report.entries),
+            (map_names::CT_REPLY, report.replies),
+        ]);
         self.conntrack_gc_runs.inc();
         for why in Removal::ALL {
             self.conntrack_gc_expired
@@ -243,8 +279,8 @@ impl Metrics {
     }
 }
 
-/// Reads the pinned maps on each scrape: nothing to keep in sync, and the
-/// numbers are the kernel's, also while another agent writes the maps.
+/// Reads the datapath's counters on each scrape: one per-CPU array, the
+/// kernel's numbers also while another agent writes the maps.
 #[derive(Debug)]
 struct DatapathCollector {
     bpffs: PathBuf,
@@ -260,65 +296,66 @@ struct MapLabel {
     map: &'static str,
 }
 
-/// Counts a map's entries; `None` when it is not of the expected kind.
-type CountEntries = fn(Map) -> Option<u64>;
+/// Maps only the datapath writes, besides the conntrack maps (which the
+/// GC walks anyway): their entries are counted on the GC's thread.
+const DATAPATH_WRITTEN: [&str; 2] = [map_names::AFFINITY, map_names::SOCK_REV_NAT];
 
-/// Every map with a fill level, and how to count its entries (all but the
-/// per-CPU counters, an array).
-const FILLED_MAPS: [(&str, CountEntries); 10] = [
-    (map_names::SERVICES, count_hash::<ServiceKey, ServiceValue>),
-    (map_names::BACKENDS, count_hash::<u32, Backend>),
-    (map_names::REV_NAT, count_hash::<u32, RevNat>),
-    (map_names::SOURCE_RANGES, count_lpm::<SourceRange, u8>),
-    (
-        map_names::AFFINITY,
-        count_hash::<AffinityKey, AffinityValue>,
-    ),
-    (
-        map_names::AFFINITY_MATCH,
-        count_hash::<AffinityMatchKey, u8>,
-    ),
-    (
-        map_names::SOCK_REV_NAT,
-        count_hash::<SockRevNatKey, SockRevNatValue>,
-    ),
-    (map_names::CONNTRACK, count_hash::<Flow4, CtEntry>),
-    (map_names::CT_REPLY, count_hash::<Flow4, CtReply>),
-    (map_names::MAGLEV, count_tables),
-];
+/// Capacities of every map with a fill level, and the entries of
+/// [`DATAPATH_WRITTEN`].
+#[derive(Debug, Default)]
+pub struct DatapathFill {
+    pub capacities: Vec<(&'static str, u32)>,
+    pub entries: Vec<(&'static str, u64)>,
+}
 
-/// Entries of a hash or LRU hash map.
+/// Every map with a fill level, with its capacity, from the pinned maps
+/// (their info only: cheap).
+fn filled_maps(bpffs: &Path) -> impl Iterator<Item = (&'static str, MapData, u32)> + '_ {
+    map_names::ALL
+        .into_iter()
+        .filter(|name| *name != map_names::COUNTERS)
+        .filter_map(|name| {
+            let data = open_pinned(bpffs, name).ok()?;
+            let max_entries = data.info().ok()?.max_entries();
+            Some((name, data, max_entries))
+        })
+}
+
+/// The capacities alone, as the agent reads them once the datapath is
+/// loaded or migrated.
+pub fn map_capacities(bpffs: &Path) -> DatapathFill {
+    DatapathFill {
+        capacities: filled_maps(bpffs)
+            .map(|(name, _, max_entries)| (name, max_entries))
+            .collect(),
+        entries: Vec::new(),
+    }
+}
+
+/// Capacities and the entries of [`DATAPATH_WRITTEN`]: walks the keys of
+/// the LRU maps the datapath writes, so it runs off the async runtime, next
+/// to the conntrack GC. A map that cannot be read is left out.
+pub fn datapath_fill(bpffs: &Path) -> DatapathFill {
+    let mut fill = DatapathFill::default();
+    for (name, data, max_entries) in filled_maps(bpffs) {
+        fill.capacities.push((name, max_entries));
+        if !DATAPATH_WRITTEN.contains(&name) {
+            continue;
+        }
+        let entries = match Map::from_map_data(data) {
+            Ok(map) if name == map_names::AFFINITY => count_hash::<AffinityKey, AffinityValue>(map),
+            Ok(map) => count_hash::<SockRevNatKey, SockRevNatValue>(map),
+            Err(_) => None,
+        };
+        fill.entries.extend(entries.map(|count| (name, count)));
+    }
+    fill
+}
+
+/// Entries of a hash or LRU hash map; `None` when it is not one.
 fn count_hash<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<u64> {
     let map: HashMap<MapData, K, V> = HashMap::try_from(map).ok()?;
     Some(map.keys().filter(Result::is_ok).count() as u64)
-}
-
-/// Maglev tables (one entry per table, whatever its size).
-fn count_tables(map: Map) -> Option<u64> {
-    let map: HashOfMaps<MapData, MaglevKey, MapData> = HashOfMaps::try_from(map).ok()?;
-    Some(map.keys().filter(Result::is_ok).count() as u64)
-}
-
-fn count_lpm<K: aya::Pod, V: aya::Pod>(map: Map) -> Option<u64> {
-    let map: LpmTrie<MapData, K, V> = LpmTrie::try_from(map).ok()?;
-    Some(map.keys().filter(Result::is_ok).count() as u64)
-}
-
-impl DatapathCollector {
-    /// Entries and capacity of each map; counting walks the keys, which for
-    /// the largest maps (262k conntrack or socket rev-NAT entries by
-    /// default) takes a fraction of a second.
-    fn fill_levels(&self) -> Vec<(&'static str, u64, u64)> {
-        FILLED_MAPS
-            .iter()
-            .filter_map(|(name, count)| {
-                let data = open_pinned(&self.bpffs, name).ok()?;
-                let max_entries = data.info().ok()?.max_entries();
-                let entries = count(Map::from_map_data(data).ok()?)?;
-                Some((*name, entries, u64::from(max_entries)))
-            })
-            .collect()
-    }
 }
 
 impl Collector for DatapathCollector {
@@ -326,25 +363,6 @@ impl Collector for DatapathCollector {
         // The same reading `ebpf-proxy counters` shows.
         if let Ok(counters) = inspect::counters(&self.bpffs) {
             encode_events(&mut encoder, &counters)?;
-        }
-        let levels = self.fill_levels();
-        let mut entries = encoder.encode_descriptor(
-            "ebpf_proxy_map_entries",
-            "Entries in each datapath map",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (map, count, _) in &levels {
-            ConstGauge::new(*count as i64).encode(entries.encode_family(&MapLabel { map })?)?;
-        }
-        let mut capacity = encoder.encode_descriptor(
-            "ebpf_proxy_map_capacity",
-            "Maximum entries of each datapath map",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (map, _, max) in &levels {
-            ConstGauge::new(*max as i64).encode(capacity.encode_family(&MapLabel { map })?)?;
         }
         Ok(())
     }
@@ -399,11 +417,17 @@ mod tests {
 
     #[test]
     fn rule_34_every_map_but_the_counters_has_a_fill_level() {
-        let filled: Vec<&str> = FILLED_MAPS.iter().map(|(name, _)| *name).collect();
-        let expected: Vec<&str> = map_names::ALL
+        let mut filled: Vec<&str> = crate::reconciler::MAPS_WRITTEN
+            .into_iter()
+            .chain(DATAPATH_WRITTEN)
+            .chain([map_names::CONNTRACK, map_names::CT_REPLY])
+            .collect();
+        filled.sort_unstable();
+        let mut expected: Vec<&str> = map_names::ALL
             .into_iter()
             .filter(|name| *name != map_names::COUNTERS)
             .collect();
+        expected.sort_unstable();
         assert_eq!(filled, expected);
     }
 
@@ -441,6 +465,7 @@ mod tests {
         metrics.observe_conntrack_gc(&GcReport {
             scanned: 10,
             entries: 7,
+            replies: 6,
             capacity: 262_144,
             idle_timeout: 2,
             backend_gone: 1,
@@ -457,6 +482,8 @@ mod tests {
             "ebpf_proxy_conntrack_gc_expired_total{reason=\"backend_gone\"} 1",
             "ebpf_proxy_conntrack_gc_orphan_replies_removed_total 4",
             "ebpf_proxy_conntrack_gc_duration_seconds_count 1",
+            "ebpf_proxy_map_entries{map=\"lb4_ct\"} 7",
+            "ebpf_proxy_map_entries{map=\"lb4_ct_reply\"} 6",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -740,6 +740,19 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Waits until the log contains `needle`; the log as it then is, or
+    /// as it is at `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(needle) || Instant::now() > deadline {
+                return log;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The last `n` lines of the log.
     pub fn log_tail(&self, n: usize) -> String {
         let log = self.log();

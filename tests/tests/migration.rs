@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{fs, io::Error, mem, os::fd::RawFd, path::Path};
+use std::{fs, io::Error, mem, os::fd::RawFd, path::Path, time::Duration};
 
 use common::{BACKENDS, TestNode, VIP, service, slice};
 
@@ -112,7 +112,10 @@ fn agent_migrates_pins_of_the_previous_layout() {
     pin_v1_maps(node.pins.path());
     node.start_agent();
 
-    let log = node.agent().log();
+    // The programs move to the new maps after their first sync.
+    let log = node
+        .agent()
+        .wait_for_log("migration finished", Duration::from_secs(30));
     assert!(
         log.contains("have another layout or size: migrating")
             && log.contains("migration finished"),

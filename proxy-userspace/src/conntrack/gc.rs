@@ -27,6 +27,9 @@ pub struct GcReport {
     pub scanned: u64,
     /// Flows left after the run.
     pub entries: u64,
+    /// Reply entries left after the run: those a kept flow refers to and
+    /// those awaiting a second look.
+    pub replies: u64,
     /// How many flows `lb4_ct` can hold.
     pub capacity: u64,
     /// Flows removed as idle past their timeout.
@@ -188,6 +191,12 @@ pub fn sweep<T: ConntrackTables>(
     }
     report.entries = report.scanned - report.expired() - vanished;
     report.orphans_removed = remove_orphans(tables, orphans, &replies, &referenced)?;
+    // Those a kept flow refers to, and those awaiting a second look.
+    let kept_for_flows = replies
+        .iter()
+        .filter(|(key, _)| referenced.contains(key))
+        .count();
+    report.replies = (kept_for_flows + orphans.suspects.len()) as u64;
     report.duration = started.elapsed();
     Ok(report)
 }

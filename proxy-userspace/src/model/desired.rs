@@ -134,40 +134,77 @@ pub struct DesiredState {
 /// Every endpoint of one service port, once per backend (rule 5).
 type PortEndpoints<'a> = BTreeMap<BackendAddr, &'a EndpointInfo>;
 
-/// This node, as every service port is planned against it.
-struct NodeView<'a> {
-    name: &'a str,
-    zone: Option<&'a str>,
+/// This node, as every service port is planned against it: when any of it
+/// changes, every service port is planned again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct NodeView {
+    name: String,
+    zone: Option<String>,
     /// Rule 11: the addresses that serve NodePorts.
     node_port_addresses: Vec<Ipv4Addr>,
 }
 
-/// Rules 4, 5, 8, 9, 11, 13-19, 21, 23-28, 32: the whole desired datapath.
+impl NodeView {
+    pub(super) fn of(snapshot: &ClusterSnapshot) -> Self {
+        Self {
+            name: snapshot.node_name.clone(),
+            zone: snapshot.node.as_ref().and_then(|node| node.zone.clone()),
+            node_port_addresses: node_port_addresses(snapshot),
+        }
+    }
+}
+
+/// What one Service programs: the plans of its ports, before frontends
+/// claimed by two service ports are settled, and its health check.
+pub(super) struct ServicePlan {
+    pub ports: Vec<(ServicePortName, ServicePortPlan)>,
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Rules 4, 5, 8, 11, 13-19, 21, 23-28, 32 for one Service and its slices
+/// (in key order).
+pub(super) fn service_plan(
+    node: &NodeView,
+    service: &ServiceInfo,
+    slices: &[&SliceInfo],
+) -> ServicePlan {
+    let endpoints: Vec<PortEndpoints> = service
+        .ports
+        .iter()
+        .map(|port| endpoints_of_port(port, slices))
+        .collect();
+    let ports = service
+        .ports
+        .iter()
+        .zip(&endpoints)
+        .map(|(port, port_endpoints)| {
+            let name = ServicePortName {
+                service: service.key.clone(),
+                port_name: port.name.clone(),
+                protocol: port.protocol,
+            };
+            (name, port_plan(node, service, port, port_endpoints))
+        })
+        .collect();
+    ServicePlan {
+        ports,
+        health_check: health_check(node, service, &endpoints),
+    }
+}
+
+/// Rules 4, 5, 8, 9, 11, 13-19, 21, 23-28, 32: the whole desired datapath,
+/// planned from scratch ([`super::Planner`] keeps it up to date one change
+/// at a time, and must agree with this).
 pub fn desired_state(snapshot: &ClusterSnapshot) -> DesiredState {
     let slices = slices_by_service(snapshot);
-    let node = NodeView {
-        name: &snapshot.node_name,
-        zone: snapshot.node.as_ref().and_then(|node| node.zone.as_deref()),
-        node_port_addresses: node_port_addresses(snapshot),
-    };
+    let node = NodeView::of(snapshot);
     let mut ports = BTreeMap::new();
     let mut health_checks = Vec::new();
     for (key, service) in &snapshot.services {
         let service_slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-        let endpoints: Vec<PortEndpoints> = service
-            .ports
-            .iter()
-            .map(|port| endpoints_of_port(port, service_slices))
-            .collect();
-        for (port, port_endpoints) in service.ports.iter().zip(&endpoints) {
-            let name = ServicePortName {
-                service: key.clone(),
-                port_name: port.name.clone(),
-                protocol: port.protocol,
-            };
-            ports.insert(name, port_plan(&node, service, port, port_endpoints));
-        }
-        health_checks.extend(health_check(&node, service, &endpoints));
+        let plan = service_plan(&node, service, service_slices);
+        ports.extend(plan.ports);
+        health_checks.extend(plan.health_check);
     }
     let conflicts = resolve_frontend_conflicts(&mut ports);
     DesiredState {
@@ -182,11 +219,10 @@ pub fn desired_state(snapshot: &ClusterSnapshot) -> DesiredState {
 fn slices_by_service(snapshot: &ClusterSnapshot) -> BTreeMap<ObjectKey, Vec<&SliceInfo>> {
     let mut by_service: BTreeMap<ObjectKey, Vec<&SliceInfo>> = BTreeMap::new();
     for slice in snapshot.slices.values() {
-        let service = ObjectKey {
-            namespace: slice.key.namespace.clone(),
-            name: slice.service.clone(),
-        };
-        by_service.entry(service).or_default().push(slice);
+        by_service
+            .entry(slice.service_key())
+            .or_default()
+            .push(slice.as_ref());
     }
     by_service
 }
@@ -250,7 +286,7 @@ fn port_plan(
         affinity_timeout: service.affinity_timeout,
         local_backends: endpoints
             .iter()
-            .filter(|(_, e)| is_local(e, node.name))
+            .filter(|(_, e)| is_local(e, &node.name))
             .map(|(backend, _)| *backend)
             .collect(),
     }
@@ -335,8 +371,8 @@ struct EndpointSets {
 impl EndpointSets {
     fn of(endpoints: &PortEndpoints, node: &NodeView) -> Self {
         Self {
-            cluster: cluster_set(endpoints, node.zone),
-            local: local_set(endpoints, node.name),
+            cluster: cluster_set(endpoints, node.zone.as_deref()),
+            local: local_set(endpoints, &node.name),
         }
     }
 
@@ -471,7 +507,7 @@ fn health_check(
         .iter()
         .flat_map(BTreeMap::values)
         .copied()
-        .filter(|e| is_local(e, node.name))
+        .filter(|e| is_local(e, &node.name))
         .collect();
     let distinct = |wanted: fn(&EndpointInfo) -> bool| {
         local
@@ -513,11 +549,14 @@ fn resolve_frontend_conflicts(
                 }
             });
     }
+    conflicts.sort_by(|a, b| (&a.dropped, a.frontend).cmp(&(&b.dropped, b.frontend)));
     conflicts
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::model::objects::{NodeInfo, SlicePortInfo};
     use FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
@@ -625,8 +664,14 @@ mod tests {
                 addresses: vec![ip("192.168.0.2"), ip("203.0.113.10")],
                 deleting: false,
             }),
-            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
-            slices: slices.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
+            slices: slices
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
             ..ClusterSnapshot::default()
         }
     }

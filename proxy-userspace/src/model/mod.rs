@@ -8,14 +8,19 @@
 //!   12-15, 35).
 //! - [`desired`]: service ports -> frontends of every kind and the backends
 //!   each may select (rules 4, 8, 9, 11, 13-19, 21, 23-28, 32).
+//! - [`planner`]: the same desired state kept up to date one snapshot at a
+//!   time, planning only what a change touches.
 //! - [`maglev`]: the Maglev lookup table of a backend set, the same on
 //!   every node.
 
 pub mod desired;
+#[cfg(test)]
+pub mod fixtures;
 pub mod maglev;
 pub mod objects;
+pub mod planner;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, sync::Arc};
 
 use ipnet::Ipv4Net;
 
@@ -24,6 +29,7 @@ pub use desired::{
     ServicePortName, ServicePortPlan, WhenEmpty, desired_state,
 };
 pub use objects::{NodeInfo, ObjectKey, Protocol, ServiceInfo, ServiceType, SliceInfo};
+pub use planner::{PlanChange, Planner};
 
 /// Everything a source knows, already validated: the input of
 /// [`desired_state`]. Sources (manifests, Kubernetes watches) build it; the
@@ -36,8 +42,11 @@ pub struct ClusterSnapshot {
     /// This node's object, when the source has seen it (zone label,
     /// addresses).
     pub node: Option<NodeInfo>,
-    pub services: BTreeMap<ObjectKey, ServiceInfo>,
-    pub slices: BTreeMap<ObjectKey, SliceInfo>,
+    /// Shared with the source's store and earlier snapshots: a snapshot
+    /// costs a map of pointers, and an unchanged object is the same
+    /// allocation in consecutive snapshots.
+    pub services: BTreeMap<ObjectKey, Arc<ServiceInfo>>,
+    pub slices: BTreeMap<ObjectKey, Arc<SliceInfo>>,
     /// The host's IPv4 interface addresses: NodePort candidates (rule 11).
     pub local_addresses: Vec<Ipv4Addr>,
     /// `--nodeport-addresses` (rule 11).

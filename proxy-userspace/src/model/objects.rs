@@ -100,6 +100,17 @@ pub struct SliceInfo {
     pub endpoints: Vec<EndpointInfo>,
 }
 
+impl SliceInfo {
+    /// Rule 5: a slice belongs to the Service it names, in its own
+    /// namespace.
+    pub fn service_key(&self) -> ObjectKey {
+        ObjectKey {
+            namespace: self.key.namespace.clone(),
+            name: self.service.clone(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortInfo {
     /// `ports[].name`, "" when unnamed.

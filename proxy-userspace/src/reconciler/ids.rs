@@ -62,6 +62,19 @@ impl<T: Ord + Clone> IdAllocator<T> {
         id
     }
 
+    /// The id `item` has, if any.
+    pub fn get(&self, item: &T) -> Option<u32> {
+        self.by_item.get(item).copied()
+    }
+
+    /// Releases `item`'s id.
+    pub fn release(&mut self, item: &T) {
+        if let Some(id) = self.by_item.remove(item) {
+            self.owned.remove(&id);
+            self.used.remove(&id);
+        }
+    }
+
     /// Releases every id for which `keep` is false.
     pub fn retain(&mut self, keep: impl Fn(u32) -> bool) {
         self.by_item.retain(|_, id| keep(*id));

@@ -30,6 +30,8 @@
 //! traffic does not notice the restart.
 
 mod ids;
+mod incremental;
+mod index;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -50,6 +52,17 @@ use crate::{
     },
 };
 use ids::IdAllocator;
+use index::Index;
+
+/// The maps the reconciler writes (the datapath writes the others).
+pub const MAPS_WRITTEN: [&str; 6] = [
+    map_names::SERVICES,
+    map_names::BACKENDS,
+    map_names::REV_NAT,
+    map_names::SOURCE_RANGES,
+    map_names::AFFINITY_MATCH,
+    map_names::MAGLEV,
+];
 
 /// What a sync changed, for logs and metrics.
 #[derive(Debug, Default)]
@@ -387,6 +400,13 @@ pub struct Reconciler<D: Datapath> {
     backend_ids: IdAllocator<Backend>,
     svc_ids: IdAllocator<ServicePortName>,
     rev_nat_ids: IdAllocator<Frontend>,
+    index: Index,
+    /// Service ports the last sync refused for room: every later sync
+    /// tries them again, as deletes may have made room.
+    refused: BTreeSet<ServicePortName>,
+    /// The last sync left something undone (a failed write or delete, a
+    /// wildcard without room): the next one is a full sync.
+    needs_full_sync: bool,
 }
 
 impl<D: Datapath> Reconciler<D> {
@@ -429,8 +449,12 @@ impl<D: Datapath> Reconciler<D> {
         {
             rev_nat_ids.reserve(id);
         }
+        let index = Index::of(&services, [], &affinity_match);
         Ok(Self {
             datapath,
+            index,
+            refused: BTreeSet::new(),
+            needs_full_sync: false,
             services,
             backends,
             rev_nat,
@@ -487,6 +511,14 @@ impl<D: Datapath> Reconciler<D> {
         self.rev_nat = rev_nat;
         self.source_ranges = source_ranges;
         self.affinity_match = affinity_match;
+        self.index = Index::of(
+            &self.services,
+            self.maglev
+                .values()
+                .flatten()
+                .flat_map(|build| build.backend_ids.values().copied()),
+            &self.affinity_match,
+        );
         Ok(())
     }
 
@@ -499,6 +531,20 @@ impl<D: Datapath> Reconciler<D> {
 
     pub fn datapath(&self) -> &D {
         &self.datapath
+    }
+
+    /// Entries of each map the reconciler writes, from its mirror of them:
+    /// what `/metrics` shows without walking the maps.
+    pub fn entries(&self) -> [(&'static str, u64); MAPS_WRITTEN.len()] {
+        let counts = [
+            self.services.len(),
+            self.backends.len(),
+            self.rev_nat.len(),
+            self.source_ranges.len(),
+            self.affinity_match.len(),
+            self.maglev.len(),
+        ];
+        std::array::from_fn(|i| (MAPS_WRITTEN[i], counts[i] as u64))
     }
 
     /// Number of frontends (with a master in either scope; wildcards are
@@ -517,21 +563,26 @@ impl<D: Datapath> Reconciler<D> {
         let report = self.sync_pass(desired);
         // Deletes run last, so a port refused for room may fit once this
         // sync's deletes are done; it must not wait for the next change.
-        if report.over_capacity.is_empty() || !self.any_refused_port_fits(desired, &report) {
-            return report;
-        }
-        let next = self.sync_pass(desired);
-        report.then(next)
+        let report =
+            if report.over_capacity.is_empty() || !self.any_refused_port_fits(desired, &report) {
+                report
+            } else {
+                let next = self.sync_pass(desired);
+                report.then(next)
+            };
+        self.remember_unsettled(&report);
+        report
     }
 
     fn any_refused_port_fits(&mut self, desired: &DesiredState, report: &SyncReport) -> bool {
-        let refused: BTreeSet<&ServicePortName> =
-            report.over_capacity.iter().map(|(name, _)| name).collect();
-        let evictable = self.held_wildcards().len();
-        self.resolve_ids(desired)
-            .iter()
-            .filter(|port| refused.contains(port.name))
-            .any(|port| self.fits(port, evictable).is_ok())
+        let evictable = self.index.wildcards.len();
+        report.over_capacity.iter().any(|(name, _)| {
+            let Some((name, plan)) = desired.ports.get_key_value(name) else {
+                return false;
+            };
+            let port = self.resolve_port(name, plan);
+            self.fits(&port, evictable).is_ok()
+        })
     }
 
     fn sync_pass(&mut self, desired: &DesiredState) -> SyncReport {
@@ -539,25 +590,10 @@ impl<D: Datapath> Reconciler<D> {
         let entries = self.resolve_ids(desired);
         let mut keep = Wanted::of(
             &entries,
-            cluster_ip_wildcards(desired),
+            cluster_ip_wildcards(desired.cluster_ips.iter()),
             self.maglev_table_size,
         );
-        // Rule 9 is the first to give way when service ports need room,
-        // wildcards no longer wanted before the others.
-        let mut evictable = self.held_wildcards();
-        evictable.sort_by_key(|key| (!keep.wildcards.contains(key), *key));
-        for port in &entries {
-            match self.fits(port, evictable.len()) {
-                Err(over) => report.over_capacity.push((port.name.clone(), over)),
-                Ok(needs) => match self.write_port(port, &needs, &mut evictable, &mut report) {
-                    Ok(()) => keep.settled(port),
-                    Err(err) => report.failed.push((port.name.clone(), err)),
-                },
-            }
-        }
-        for key in &keep.wildcards {
-            self.write_wildcard(*key, &mut report);
-        }
+        self.write_ports(&entries, desired, &mut keep, &mut report);
         self.delete_unwanted(&keep, &mut report);
         self.backend_ids
             .retain(|id| self.backends.contains_key(&id));
@@ -574,46 +610,48 @@ impl<D: Datapath> Reconciler<D> {
         desired
             .ports
             .iter()
-            .map(|(name, plan)| {
-                let masters = masters(plan);
-                let existing = masters
-                    .iter()
-                    .find_map(|master| Some(self.services.get(&master.key())?.svc_id));
-                let svc_id = self.svc_ids.id_for(name, existing);
-                let backend_ids = masters
-                    .iter()
-                    .flat_map(|master| &master.selection.backends)
-                    .map(|backend| {
-                        let id = self.backend_ids.id_for(&port_backend(plan, backend), None);
-                        (*backend, id)
-                    })
-                    .collect();
-                let rev_nat_ids = masters
-                    .iter()
-                    .map(|master| {
-                        let frontend = *master.frontend();
-                        (frontend, self.rev_nat_ids.id_for(&frontend, None))
-                    })
-                    .collect();
-                PortEntries {
-                    name,
-                    plan,
-                    svc_id,
-                    masters,
-                    backend_ids,
-                    rev_nat_ids,
-                }
-            })
+            .map(|(name, plan)| self.resolve_port(name, plan))
             .collect()
+    }
+
+    fn resolve_port<'a>(
+        &mut self,
+        name: &'a ServicePortName,
+        plan: &'a ServicePortPlan,
+    ) -> PortEntries<'a> {
+        let masters = masters(plan);
+        let existing = masters
+            .iter()
+            .find_map(|master| Some(self.services.get(&master.key())?.svc_id));
+        let svc_id = self.svc_ids.id_for(name, existing);
+        let backend_ids = masters
+            .iter()
+            .flat_map(|master| &master.selection.backends)
+            .map(|backend| {
+                let id = self.backend_ids.id_for(&port_backend(plan, backend), None);
+                (*backend, id)
+            })
+            .collect();
+        let rev_nat_ids = masters
+            .iter()
+            .map(|master| {
+                let frontend = *master.frontend();
+                (frontend, self.rev_nat_ids.id_for(&frontend, None))
+            })
+            .collect();
+        PortEntries {
+            name,
+            plan,
+            svc_id,
+            masters,
+            backend_ids,
+            rev_nat_ids,
+        }
     }
 
     /// Rule 9 entries the maps hold.
     fn held_wildcards(&self) -> Vec<ServiceKey> {
-        self.services
-            .keys()
-            .filter(|key| codec::is_cluster_ip_wildcard(key))
-            .copied()
-            .collect()
+        self.index.wildcards.iter().copied().collect()
     }
 
     /// What `port` adds to each map, if that fits next to what the maps
@@ -717,16 +755,53 @@ impl<D: Datapath> Reconciler<D> {
         Ok(needs)
     }
 
+    /// Writes every port that fits, then the wanted wildcards.
+    fn write_ports(
+        &mut self,
+        entries: &[PortEntries<'_>],
+        desired: &DesiredState,
+        keep: &mut Wanted,
+        report: &mut SyncReport,
+    ) {
+        let mut evictable = None;
+        for port in entries {
+            match self.fits(port, self.index.wildcards.len()) {
+                Err(over) => report.over_capacity.push((port.name.clone(), over)),
+                Ok(needs) => match self.write_port(port, &needs, &mut evictable, desired, report) {
+                    Ok(()) => keep.settled(port),
+                    Err(err) => report.failed.push((port.name.clone(), err)),
+                },
+            }
+        }
+        for key in &keep.wildcards {
+            self.write_wildcard(*key, report);
+        }
+    }
+
     fn write_port(
         &mut self,
         port: &PortEntries<'_>,
         needs: &Needs,
-        evictable: &mut Vec<ServiceKey>,
+        evictable: &mut Option<Vec<ServiceKey>>,
+        desired: &DesiredState,
         report: &mut SyncReport,
     ) -> Result<(), DatapathError> {
         let capacity = self.datapath.capacity().services;
         while self.services.len() + needs.services > capacity {
-            let Some(wildcard) = evictable.pop() else {
+            // Rule 9 is the first to give way when service ports need room,
+            // wildcards no longer wanted before the others; listed only
+            // when a port needs it.
+            let order = evictable.get_or_insert_with(|| {
+                let mut order = self.held_wildcards();
+                order.sort_by_key(|key| {
+                    let wanted = desired
+                        .cluster_ips
+                        .contains(&codec::addr_from_map(key.addr));
+                    (!wanted, *key)
+                });
+                order
+            });
+            let Some(wildcard) = order.pop() else {
                 break;
             };
             self.delete_service(wildcard)?;
@@ -758,12 +833,13 @@ impl<D: Datapath> Reconciler<D> {
             if !self.affinity_match.contains(&pair) {
                 self.datapath.put_affinity_match(pair)?;
                 self.affinity_match.insert(pair);
+                self.index.add_affinity(pair);
             }
         }
         for (key, build) in port.maglev_tables(self.maglev_table_size) {
             if self.maglev.get(&key).and_then(Option::as_ref) != Some(&build) {
                 self.datapath.put_maglev_table(key, &build.table())?;
-                self.maglev.insert(key, Some(build));
+                self.set_maglev(key, Some(build));
                 report.maglev_tables_written += 1;
             }
         }
@@ -825,14 +901,37 @@ impl<D: Datapath> Reconciler<D> {
             return Ok(false);
         }
         self.datapath.put_service(key, value)?;
-        self.services.insert(key, value);
+        if let Some(old) = self.services.insert(key, value) {
+            self.index.remove_service(&key, &old);
+        }
+        self.index.add_service(&key, &value);
         Ok(true)
     }
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), DatapathError> {
         self.datapath.delete_service(&key)?;
-        self.services.remove(&key);
+        if let Some(old) = self.services.remove(&key) {
+            self.index.remove_service(&key, &old);
+        }
         Ok(())
+    }
+
+    /// Records the Maglev table held under `key` (`None`: forgets it).
+    fn set_maglev(&mut self, key: MaglevKey, build: Option<MaglevBuild>) {
+        let backend_ids =
+            |build: &MaglevBuild| build.backend_ids.values().copied().collect::<Vec<_>>();
+        let old = match &build {
+            Some(build) => {
+                for id in backend_ids(build) {
+                    self.index.add_backend_ref(id);
+                }
+                self.maglev.insert(key, Some(build.clone()))
+            }
+            None => self.maglev.remove(&key),
+        };
+        for id in old.flatten().as_ref().map(backend_ids).unwrap_or_default() {
+            self.index.remove_backend_ref(id);
+        }
     }
 
     /// Rev-NAT ids the maps still use: named by a master, or holding an
@@ -846,11 +945,7 @@ impl<D: Datapath> Reconciler<D> {
     }
 
     fn master_rev_nat_ids(&self) -> BTreeSet<u32> {
-        self.services
-            .iter()
-            .filter(|(key, master)| key.slot == 0 && master.rev_nat_id != 0)
-            .map(|(_, master)| master.rev_nat_id)
-            .collect()
+        self.index.rev_nat_names.keys().copied().collect()
     }
 
     fn delete_unwanted(&mut self, keep: &Wanted, report: &mut SyncReport) {
@@ -904,6 +999,7 @@ impl<D: Datapath> Reconciler<D> {
             match self.datapath.delete_affinity_match(&pair) {
                 Ok(()) => {
                     self.affinity_match.remove(&pair);
+                    self.index.remove_affinity(&pair);
                 }
                 Err(err) => report.failed_deletes.push(err),
             }
@@ -958,7 +1054,7 @@ impl<D: Datapath> Reconciler<D> {
         for key in gone {
             match self.datapath.delete_maglev_table(&key) {
                 Ok(()) => {
-                    self.maglev.remove(&key);
+                    self.set_maglev(key, None);
                     report.maglev_tables_deleted += 1;
                 }
                 Err(err) => report.failed_deletes.push(err),
@@ -1016,10 +1112,10 @@ impl<D: Datapath> Reconciler<D> {
 }
 
 /// Rule 9: one wildcard per ClusterIP and protocol.
-fn cluster_ip_wildcards(desired: &DesiredState) -> BTreeSet<ServiceKey> {
-    desired
-        .cluster_ips
-        .iter()
+fn cluster_ip_wildcards<'a>(
+    cluster_ips: impl Iterator<Item = &'a Ipv4Addr>,
+) -> BTreeSet<ServiceKey> {
+    cluster_ips
         .flat_map(|addr| {
             [Protocol::Tcp, Protocol::Udp]
                 .map(|protocol| codec::cluster_ip_wildcard(*addr, protocol))

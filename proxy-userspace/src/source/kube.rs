@@ -10,7 +10,10 @@
 //! that fails validation keeps its last good version and is reported once
 //! per resourceVersion.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::{
@@ -199,7 +202,7 @@ impl KubeSource {
                 .live
                 .values()
                 .find(|node| node.name == self.node_name)
-                .cloned(),
+                .map(|node| NodeInfo::clone(node)),
             services: self.services.live.clone(),
             slices: self.slices.live.clone(),
             ..ClusterSnapshot::default()
@@ -223,9 +226,11 @@ struct Store<T> {
     kind: &'static str,
     /// The API resource, naming this watch in health reports.
     resource: &'static str,
-    live: BTreeMap<ObjectKey, T>,
+    /// Shared with the snapshots published: an object is copied once, when
+    /// it changes.
+    live: BTreeMap<ObjectKey, Arc<T>>,
     /// A list in progress; swapped in whole when it completes.
-    listing: Option<BTreeMap<ObjectKey, T>>,
+    listing: Option<BTreeMap<ObjectKey, Arc<T>>>,
     listed: bool,
     /// Invalid versions already reported, so each is logged once.
     reported: BTreeSet<(ObjectKey, String)>,
@@ -299,7 +304,7 @@ impl<T: Clone> Store<T> {
         let entry = match outcome {
             Ok(valid) => {
                 self.reported.retain(|(reported, _)| *reported != key);
-                valid
+                valid.map(Arc::new)
             }
             Err(reason) => {
                 let version = object.meta().resource_version.clone().unwrap_or_default();

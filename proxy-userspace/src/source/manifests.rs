@@ -12,6 +12,7 @@ use std::{
     collections::BTreeMap,
     fmt, fs,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -97,9 +98,11 @@ pub struct Poll {
 
 /// A validated object, as one document contributed it.
 #[derive(Clone, Debug, PartialEq)]
+/// Objects are shared with the snapshots built from them: a file left as it
+/// was gives the same allocations, which the planner need not compare.
 enum Parsed {
-    Service(ServiceInfo),
-    Slices(Vec<SliceInfo>),
+    Service(Arc<ServiceInfo>),
+    Slices(Vec<Arc<SliceInfo>>),
     Node(NodeInfo),
     Ignored(IgnoreReason),
 }
@@ -455,17 +458,19 @@ fn parse_object(item: Value) -> Result<(ObjectId, Parsed)> {
     let id = object_id(&item);
     let parsed = match (api_version.as_str(), kind.as_str()) {
         ("v1", "Service") => match objects::service(&typed::<Service>(item)?)? {
-            Admission::Proxied(service) => Parsed::Service(service),
+            Admission::Proxied(service) => Parsed::Service(Arc::new(service)),
             Admission::Ignored(reason) => Parsed::Ignored(reason),
         },
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             match objects::endpoint_slice(&typed::<EndpointSlice>(item)?)? {
-                Admission::Proxied(slice) => Parsed::Slices(vec![slice]),
+                Admission::Proxied(slice) => Parsed::Slices(vec![Arc::new(slice)]),
                 Admission::Ignored(reason) => Parsed::Ignored(reason),
             }
         }
         ("v1", "Endpoints") => match objects::endpoints(&typed::<Endpoints>(item)?)? {
-            Admission::Proxied(slices) => Parsed::Slices(slices),
+            Admission::Proxied(slices) => {
+                Parsed::Slices(slices.into_iter().map(Arc::new).collect())
+            }
             Admission::Ignored(reason) => Parsed::Ignored(reason),
         },
         ("v1", "Node") => Parsed::Node(objects::node(&typed::<Node>(item)?)?),
