@@ -1,7 +1,7 @@
 //! An API server double for the Kubernetes source (DESIGN.md, testing
-//! layer 5): plain HTTP/1.1 on 127.0.0.1 inside a test's network namespace,
-//! speaking the real list/watch protocol for Services, EndpointSlices and
-//! Nodes.
+//! layer 5): HTTP/1.1 (hyper) on 127.0.0.1 inside a test's network
+//! namespace, speaking the real list/watch protocol for Services,
+//! EndpointSlices and Nodes.
 //!
 //! - One global resourceVersion counter; every [`ApiServer::apply`] and
 //!   [`ApiServer::delete`] takes the next value and records a watch event.
@@ -23,30 +23,40 @@
 //! - [`ApiServer::requests`]: every request line received.
 //!
 //! Safety rule: the server binds 127.0.0.1 inside the test's namespace
-//! (a thread enters it with `setns`); nothing listens in the root namespace.
+//! (its thread enters it with `setns`, then runs a current-thread tokio
+//! runtime); nothing listens in the root namespace.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
+    convert::Infallible,
     fmt::Write as _,
-    io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    io::{self, Write},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{
-        Arc, Condvar, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        mpsc,
-    },
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, mpsc},
+    task::{Context as TaskContext, Poll},
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+use http_body_util::{Either, Full};
+use hyper::{
+    StatusCode,
+    body::{Body, Bytes, Frame, Incoming},
+    header,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::sync::{mpsc as chan, oneshot, watch};
 
 use crate::{Agent, Netns, enter_netns, manifests::yaml_options};
 
-/// How often blocked server threads look at their stop flags.
-const TICK: Duration = Duration::from_millis(50);
+/// How long the accept loop rests after a failed accept.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Bookmarks go out this often on watches that allow them.
 const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -115,17 +125,19 @@ pub struct Request {
 }
 
 impl Request {
-    fn parse(request_line: &str) -> Option<Request> {
-        let mut parts = request_line.split_whitespace();
-        let method = parts.next()?.to_string();
-        let target = parts.next()?;
+    /// `target` is the request target as received: path and query.
+    fn new(method: &str, target: &str) -> Request {
         let (path, query) = target.split_once('?').unwrap_or((target, ""));
-        Some(Request {
-            method: method.clone(),
-            path: percent_decode(path),
-            query: parse_query(query),
+        Request {
+            method: method.to_string(),
+            path: percent_encoding::percent_decode_str(path)
+                .decode_utf8_lossy()
+                .into_owned(),
+            query: form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect(),
             line: format!("{method} {target}"),
-        })
+        }
     }
 
     /// The (first) decoded value of query parameter `key`.
@@ -172,41 +184,11 @@ impl Request {
     }
 }
 
-/// Decodes `%XX` escapes and `+` (as a space, form encoding).
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() && hex(b[i + 1]).is_some() && hex(b[i + 2]).is_some() => {
-                out.push((hex(b[i + 1]).unwrap_or(0) * 16 + hex(b[i + 2]).unwrap_or(0)) as u8);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(k), percent_decode(v))
-        })
-        .collect()
-}
-
 /// The decoded value of query parameter `key` in a request line as
 /// returned by [`ApiServer::requests`].
 pub fn query_param(request_line: &str, key: &str) -> Option<String> {
-    Request::parse(request_line).and_then(|r| r.param(key).map(str::to_string))
+    let (method, target) = request_line.split_once(' ')?;
+    Request::new(method, target).param(key).map(str::to_string)
 }
 
 /// One requirement of a label or field selector.
@@ -372,18 +354,12 @@ struct State {
     open_watches: usize,
 }
 
-struct Conn {
-    stream: TcpStream,
-    killed: Arc<AtomicBool>,
-}
-
 struct Shared {
     state: Mutex<State>,
-    /// Notified on every change of `state` that a watch may care about.
-    wake: Condvar,
-    stop: AtomicBool,
-    conns: Mutex<HashMap<u64, Conn>>,
-    next_conn: AtomicU64,
+    /// Marked on every change of `state` that a watch may care about.
+    changed: watch::Sender<()>,
+    /// Bumped to close every open connection.
+    kills: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -391,16 +367,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn conns(&self) -> MutexGuard<'_, HashMap<u64, Conn>> {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    fn notify_watches(&self) {
+        self.changed.send_modify(|()| {});
     }
 
     fn kill_connections(&self) {
-        for conn in self.conns().values() {
-            conn.killed.store(true, Ordering::SeqCst);
-            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-        }
-        self.wake.notify_all();
+        self.kills.send_modify(|generation| *generation += 1);
     }
 }
 
@@ -455,12 +427,13 @@ impl IntoObjects for Vec<Value> {
     }
 }
 
-/// The API server double. Drop stops it: closes the listener and every
-/// connection and joins its threads.
+/// The API server double. Drop stops it: its runtime ends, closing the
+/// listener and every connection, and its thread is joined.
 pub struct ApiServer {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    acceptor: Option<JoinHandle<()>>,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
@@ -469,27 +442,35 @@ impl ApiServer {
     pub fn start(netns: &Netns) -> Result<ApiServer> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
-            wake: Condvar::new(),
-            stop: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
-            next_conn: AtomicU64::new(0),
+            changed: watch::Sender::new(()),
+            kills: watch::Sender::new(0),
         });
         let (tx, rx) = mpsc::channel();
+        let (stop, stopped) = oneshot::channel();
         let name = netns.name().to_string();
         let thread_shared = shared.clone();
-        let acceptor = thread::Builder::new()
+        let server = thread::Builder::new()
             .name(format!("apiserver-{name}"))
             .spawn(move || {
                 let bound = enter_netns(&name).and_then(|()| {
-                    let listener =
-                        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1:0")?;
-                    listener.set_nonblocking(true)?;
-                    Ok(listener)
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("tokio runtime")?;
+                    let listener = runtime
+                        .block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+                        .context("bind 127.0.0.1:0")?;
+                    Ok((runtime, listener))
                 });
                 match bound {
-                    Ok(listener) => {
+                    Ok((runtime, listener)) => {
                         let _ = tx.send(listener.local_addr().map_err(anyhow::Error::from));
-                        accept_loop(listener, thread_shared);
+                        runtime.block_on(async {
+                            tokio::select! {
+                                () = accept_loop(listener, thread_shared) => {}
+                                _ = stopped => {}
+                            }
+                        });
                     }
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -503,7 +484,8 @@ impl ApiServer {
         Ok(ApiServer {
             shared,
             addr,
-            acceptor: Some(acceptor),
+            stop: Some(stop),
+            server: Some(server),
         })
     }
 
@@ -547,7 +529,7 @@ impl ApiServer {
         }
         let rv = state.rv;
         drop(state);
-        self.shared.wake.notify_all();
+        self.shared.notify_watches();
         rv
     }
 
@@ -573,7 +555,7 @@ impl ApiServer {
             prev: Some(prev),
         });
         drop(state);
-        self.shared.wake.notify_all();
+        self.shared.notify_watches();
         Some(rv)
     }
 
@@ -605,6 +587,8 @@ impl ApiServer {
             state.dropped_upto = last.rv;
         }
         state.events.clear();
+        drop(state);
+        self.shared.notify_watches();
     }
 
     /// Closes every open connection (lists and watches) abruptly.
@@ -707,10 +691,11 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.kill_connections();
-        if let Some(acceptor) = self.acceptor.take() {
-            let _ = acceptor.join();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.join();
         }
     }
 }
@@ -792,468 +777,374 @@ fn apply_one(state: &mut State, mut object: Value) {
     });
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut handlers: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                if shared.state().down {
-                    let _ = stream.shutdown(std::net::Shutdown::Both);
-                    continue;
-                }
-                let shared = shared.clone();
-                match thread::Builder::new()
-                    .name("apiserver-conn".into())
-                    .spawn(move || serve_connection(stream, shared))
-                {
-                    Ok(handle) => handlers.push(handle),
-                    Err(e) => eprintln!("proxy-tests: API server double: spawn: {e}"),
-                }
-                handlers.retain(|h| !h.is_finished());
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(5))
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(e) => {
                 eprintln!("proxy-tests: API server double: accept: {e}");
-                thread::sleep(TICK);
-            }
-        }
-    }
-    drop(listener);
-    for handler in handlers {
-        let _ = handler.join();
-    }
-}
-
-/// Unregisters a connection when its thread ends.
-struct ConnGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for ConnGuard<'_> {
-    fn drop(&mut self) {
-        self.shared.conns().remove(&self.id);
-    }
-}
-
-fn serve_connection(stream: TcpStream, shared: Arc<Shared>) {
-    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let killed = Arc::new(AtomicBool::new(false));
-    let (Ok(registered), Ok(writer)) = (stream.try_clone(), stream.try_clone()) else {
-        return;
-    };
-    shared.conns().insert(
-        id,
-        Conn {
-            stream: registered,
-            killed: killed.clone(),
-        },
-    );
-    let _guard = ConnGuard {
-        shared: &shared,
-        id,
-    };
-    // A kill that raced with the registration.
-    if shared.stop.load(Ordering::SeqCst) || shared.state().down {
-        return;
-    }
-    let _ = stream.set_read_timeout(Some(TICK));
-    let _ = writer.set_write_timeout(Some(Duration::from_secs(10)));
-    let _ = writer.set_nodelay(true);
-    let mut conn = Connection {
-        reader: BufReader::new(stream),
-        writer,
-        shared: &shared,
-        killed: &killed,
-    };
-    while let Ok(Some(head)) = conn.read_head() {
-        match conn.handle(&head) {
-            Ok(true) => {}
-            Ok(false) | Err(_) => break,
-        }
-    }
-    let _ = conn.writer.shutdown(std::net::Shutdown::Both);
-}
-
-struct Connection<'a> {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-    shared: &'a Shared,
-    killed: &'a AtomicBool,
-}
-
-/// A parsed request head.
-struct Head {
-    request: Request,
-    keep_alive: bool,
-    content_length: usize,
-}
-
-impl Connection<'_> {
-    fn dead(&self) -> bool {
-        self.killed.load(Ordering::SeqCst) || self.shared.stop.load(Ordering::SeqCst)
-    }
-
-    /// Reads one request head; `None` at EOF or when the connection is
-    /// killed.
-    fn read_head(&mut self) -> io::Result<Option<Head>> {
-        let mut raw = Vec::new();
-        loop {
-            if self.dead() {
-                return Ok(None);
-            }
-            match self.reader.read_until(b'\n', &mut raw) {
-                Ok(0) => return Ok(None),
-                Ok(_) => {
-                    // Tolerate empty lines before a request line.
-                    if raw == b"\r\n" || raw == b"\n" {
-                        raw.clear();
-                    } else if raw.ends_with(b"\r\n\r\n") || raw.ends_with(b"\n\n") {
-                        break;
-                    }
-                    if raw.len() > 64 * 1024 {
-                        return Err(io::Error::other("request head too large"));
-                    }
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let text = String::from_utf8_lossy(&raw);
-        let mut lines = text.lines();
-        let request_line = lines.next().unwrap_or("");
-        let request =
-            Request::parse(request_line).ok_or_else(|| io::Error::other("bad request line"))?;
-        let http10 = request_line.ends_with("HTTP/1.0");
-        let mut keep_alive = !http10;
-        let mut content_length = 0;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
+                tokio::time::sleep(ACCEPT_RETRY).await;
                 continue;
-            };
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "connection" if value.eq_ignore_ascii_case("close") => keep_alive = false,
-                "connection" if value.eq_ignore_ascii_case("keep-alive") => keep_alive = true,
-                "content-length" => content_length = value.parse().unwrap_or(0),
-                _ => {}
             }
+        };
+        // Subscribed before looking at `down`: any later kill closes it.
+        let mut kills = shared.kills.subscribe();
+        if shared.state().down {
+            continue;
         }
-        Ok(Some(Head {
-            request,
-            keep_alive,
-            content_length,
-        }))
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| std::future::ready(respond(&shared, &request)));
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A kill drops the connection: its socket closes mid-stream.
+            tokio::select! {
+                _ = connection => {}
+                _ = kills.changed() => {}
+            }
+        });
     }
+}
 
-    /// Serves one request; false when the connection must close.
-    fn handle(&mut self, head: &Head) -> io::Result<bool> {
-        if head.content_length > 0 {
-            // Requests with bodies are answered 405 below; drain the body.
-            let mut body = vec![0; head.content_length.min(1 << 20)];
-            io::Read::read_exact(&mut self.reader, &mut body)?;
+/// A list or failure answer, or a watch stream.
+type ApiBody = Either<Full<Bytes>, WatchBody>;
+
+/// One request; an error (the double is down) closes the connection
+/// without an answer.
+fn respond(
+    shared: &Arc<Shared>,
+    request: &hyper::Request<Incoming>,
+) -> io::Result<hyper::Response<ApiBody>> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    let request = Request::new(request.method().as_str(), target);
+    let failure = {
+        let mut state = shared.state();
+        if state.down {
+            return Err(io::Error::other("the API server double is down"));
         }
-        let request = &head.request;
-        let failure = {
-            let mut state = self.shared.state();
-            if state.down {
-                return Ok(false);
-            }
-            state.requests.push(request.clone());
-            state
-                .failures
-                .iter_mut()
-                .find(|f| f.remaining > 0 && (f.matches)(request))
-                .map(|f| {
-                    f.remaining -= 1;
-                    f.status
-                })
-        };
-        if let Some(code) = failure {
-            let body = status_body(code, &format!("injected failure {code}"));
-            self.respond(code, &body, head.keep_alive)?;
-            return Ok(head.keep_alive);
-        }
-        if request.method != "GET" {
-            let body = status_body(
-                405,
-                &format!("method {} not allowed by the double", request.method),
-            );
-            self.respond(405, &body, head.keep_alive)?;
-            return Ok(head.keep_alive);
-        }
-        let Some((kind, namespace)) = request.collection() else {
-            let body = status_body(
-                404,
-                &format!(
-                    "the server could not find the requested resource ({})",
-                    request.path
-                ),
-            );
-            self.respond(404, &body, head.keep_alive)?;
-            return Ok(head.keep_alive);
-        };
-        let selector = match Selector::from_request(request, namespace) {
-            Ok(selector) => selector,
-            Err(message) => {
-                self.respond(400, &status_body(400, &message), head.keep_alive)?;
-                return Ok(head.keep_alive);
-            }
-        };
-        if request.is_watch() {
-            self.watch(kind, &selector, request)?;
-        } else {
-            let body = self.list(kind, &selector, request);
-            match body {
-                Ok(body) => self.respond(200, &body, head.keep_alive)?,
-                Err((code, message)) => {
-                    self.respond(code, &status_body(code, &message), head.keep_alive)?
-                }
-            }
-        }
-        Ok(head.keep_alive && !self.dead())
+        state.requests.push(request.clone());
+        state
+            .failures
+            .iter_mut()
+            .find(|f| f.remaining > 0 && (f.matches)(&request))
+            .map(|f| {
+                f.remaining -= 1;
+                f.status
+            })
+    };
+    if let Some(code) = failure {
+        return Ok(status_response(code, &format!("injected failure {code}")));
     }
-
-    fn respond(&mut self, code: u16, body: &[u8], keep_alive: bool) -> io::Result<()> {
-        let mut head = format!(
-            "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            reason_phrase(code),
-            body.len()
+    if request.method != "GET" {
+        let message = format!("method {} not allowed by the double", request.method);
+        return Ok(status_response(405, &message));
+    }
+    let Some((kind, namespace)) = request.collection() else {
+        let message = format!(
+            "the server could not find the requested resource ({})",
+            request.path
         );
-        if !keep_alive {
-            head.push_str("Connection: close\r\n");
-        }
-        head.push_str("\r\n");
-        self.writer.write_all(head.as_bytes())?;
-        self.writer.write_all(body)?;
-        self.writer.flush()
+        return Ok(status_response(404, &message));
+    };
+    let selector = match Selector::from_request(&request, namespace) {
+        Ok(selector) => selector,
+        Err(message) => return Ok(status_response(400, &message)),
+    };
+    if request.is_watch() {
+        return Ok(watch(shared, kind, selector, &request));
     }
+    Ok(match list(shared, kind, &selector, &request) {
+        Ok(body) => json_response(200, Either::Left(Full::new(body.into()))),
+        Err((code, message)) => status_response(code, &message),
+    })
+}
 
-    fn list(
-        &self,
-        kind: Kind,
-        selector: &Selector,
-        request: &Request,
-    ) -> Result<Vec<u8>, (u16, String)> {
-        let limit = match request.param("limit") {
-            None | Some("") => usize::MAX,
-            Some(limit) => match limit.parse::<usize>() {
-                Ok(0) => usize::MAX,
-                Ok(n) => n,
-                Err(_) => return Err((400, format!("invalid limit {limit:?}"))),
-            },
-        };
-        let continue_from = match request.param("continue").filter(|c| !c.is_empty()) {
-            None => None,
-            Some(token) => Some(
-                decode_continue(token)
-                    .ok_or_else(|| (400, format!("invalid continue token {token:?}")))?,
-            ),
-        };
-        let (list_rv, items, more) = {
-            let state = self.shared.state();
-            let list_rv = match &continue_from {
-                Some((rv, _, _)) if *rv < state.too_old_below => {
-                    return Err((
-                        410,
-                        format!(
-                            "the provided continue parameter is too old (resourceVersion {rv})"
-                        ),
-                    ));
-                }
-                Some((rv, _, _)) => *rv,
-                None => state.rv,
-            };
-            let start = match &continue_from {
-                Some((_, ns, name)) => std::ops::Bound::Excluded((kind, ns.clone(), name.clone())),
-                None => std::ops::Bound::Included((kind, String::new(), String::new())),
-            };
-            let mut selected = state
-                .objects
-                .range((start, std::ops::Bound::Unbounded))
-                .take_while(|((k, _, _), _)| *k == kind)
-                .filter(|(_, object)| selector.matches(object));
-            let items: Vec<(Key, Arc<Value>)> = selected
-                .by_ref()
-                .take(limit)
-                .map(|(key, object)| (key.clone(), object.clone()))
-                .collect();
-            let more = selected.next().is_some();
-            (list_rv, items, more)
-        };
-        let mut metadata = json!({"resourceVersion": list_rv.to_string()});
-        if more && let Some(((_, ns, name), _)) = items.last() {
-            metadata["continue"] = json!(encode_continue(list_rv, ns, name));
-        }
-        let mut body = Vec::new();
-        write!(
-            body,
-            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{metadata},\"items\":[",
-            kind.name(),
-            kind.api_version()
-        )
-        .expect("write to a Vec");
-        for (i, (_, object)) in items.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
+fn json_response(code: u16, body: ApiBody) -> hyper::Response<ApiBody> {
+    let mut response = hyper::Response::new(body);
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A `metav1.Status` failure answer.
+fn status_response(code: u16, message: &str) -> hyper::Response<ApiBody> {
+    json_response(
+        code,
+        Either::Left(Full::new(status_body(code, message).into())),
+    )
+}
+
+fn list(
+    shared: &Shared,
+    kind: Kind,
+    selector: &Selector,
+    request: &Request,
+) -> Result<Vec<u8>, (u16, String)> {
+    let limit = match request.param("limit") {
+        None | Some("") => usize::MAX,
+        Some(limit) => match limit.parse::<usize>() {
+            Ok(0) => usize::MAX,
+            Ok(n) => n,
+            Err(_) => return Err((400, format!("invalid limit {limit:?}"))),
+        },
+    };
+    let continue_from = match request.param("continue").filter(|c| !c.is_empty()) {
+        None => None,
+        Some(token) => Some(
+            decode_continue(token)
+                .ok_or_else(|| (400, format!("invalid continue token {token:?}")))?,
+        ),
+    };
+    let (list_rv, items, more) = {
+        let state = shared.state();
+        let list_rv = match &continue_from {
+            Some((rv, _, _)) if *rv < state.too_old_below => {
+                return Err((
+                    410,
+                    format!("the provided continue parameter is too old (resourceVersion {rv})"),
+                ));
             }
-            serde_json::to_writer(&mut body, &**object).expect("serialize an object");
+            Some((rv, _, _)) => *rv,
+            None => state.rv,
+        };
+        let start = match &continue_from {
+            Some((_, ns, name)) => std::ops::Bound::Excluded((kind, ns.clone(), name.clone())),
+            None => std::ops::Bound::Included((kind, String::new(), String::new())),
+        };
+        let mut selected = state
+            .objects
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|((k, _, _), _)| *k == kind)
+            .filter(|(_, object)| selector.matches(object));
+        let items: Vec<(Key, Arc<Value>)> = selected
+            .by_ref()
+            .take(limit)
+            .map(|(key, object)| (key.clone(), object.clone()))
+            .collect();
+        let more = selected.next().is_some();
+        (list_rv, items, more)
+    };
+    let mut metadata = json!({"resourceVersion": list_rv.to_string()});
+    if more && let Some(((_, ns, name), _)) = items.last() {
+        metadata["continue"] = json!(encode_continue(list_rv, ns, name));
+    }
+    let mut body = Vec::new();
+    write!(
+        body,
+        "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{metadata},\"items\":[",
+        kind.name(),
+        kind.api_version()
+    )
+    .expect("write to a Vec");
+    for (i, (_, object)) in items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
         }
-        body.extend_from_slice(b"]}");
-        Ok(body)
+        serde_json::to_writer(&mut body, &**object).expect("serialize an object");
     }
+    body.extend_from_slice(b"]}");
+    Ok(body)
+}
 
-    fn chunk(&mut self, data: &[u8]) -> io::Result<()> {
-        let mut frame = Vec::with_capacity(data.len() + 16);
-        write!(frame, "{:x}\r\n", data.len())?;
-        frame.extend_from_slice(data);
-        frame.extend_from_slice(b"\r\n");
-        self.writer.write_all(&frame)?;
-        self.writer.flush()
+/// A watch stream: one chunk per event line, ended when its sender is.
+struct WatchBody(chan::Receiver<Bytes>);
+
+impl Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|line| line.map(|line| Ok(Frame::data(line))))
     }
+}
 
-    fn watch(&mut self, kind: Kind, selector: &Selector, request: &Request) -> io::Result<()> {
-        let bookmarks = matches!(request.param("allowWatchBookmarks"), Some("true" | "1"));
-        let deadline = request
+/// What one watch asked for.
+struct WatchRequest {
+    kind: Kind,
+    selector: Selector,
+    bookmarks: bool,
+    initial_events: bool,
+    /// Where to start: `None` for the current state as ADDED events.
+    from: Option<u64>,
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// Starts a watch stream; its events are produced by a task of their own,
+/// which ends with the stream or when the client is gone.
+fn watch(
+    shared: &Arc<Shared>,
+    kind: Kind,
+    selector: Selector,
+    request: &Request,
+) -> hyper::Response<ApiBody> {
+    let from = match request.param("resourceVersion") {
+        None | Some("" | "0") => None,
+        Some(rv) => match rv.parse::<u64>() {
+            Ok(rv) => Some(rv),
+            Err(_) => return status_response(400, &format!("invalid resourceVersion {rv:?}")),
+        },
+    };
+    let watch = WatchRequest {
+        kind,
+        selector,
+        bookmarks: matches!(request.param("allowWatchBookmarks"), Some("true" | "1")),
+        initial_events: matches!(request.param("sendInitialEvents"), Some("true" | "1")),
+        from,
+        deadline: request
             .param("timeoutSeconds")
             .and_then(|t| t.parse::<u64>().ok())
             .filter(|t| *t > 0)
-            .map(|t| Instant::now() + Duration::from_secs(t));
-        let initial_events = matches!(request.param("sendInitialEvents"), Some("true" | "1"));
-        let from = match request.param("resourceVersion") {
-            None | Some("" | "0") => None,
-            Some(rv) => match rv.parse::<u64>() {
-                Ok(rv) => Some(rv),
-                Err(_) => {
-                    let body = status_body(400, &format!("invalid resourceVersion {rv:?}"));
-                    return self.respond(400, &body, true);
-                }
-            },
-        };
-        let _open = OpenWatch::new(self.shared);
-        self.writer.write_all(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )?;
-        self.writer.flush()?;
+            .map(|t| tokio::time::Instant::now() + Duration::from_secs(t)),
+    };
+    // Counted open before the answer's head goes out.
+    let open = OpenWatch::new(shared.clone());
+    let (lines, body) = chan::channel(64);
+    tokio::spawn(stream_events(shared.clone(), watch, lines, open));
+    json_response(200, Either::Right(WatchBody(body)))
+}
 
-        // Where the stream starts, decided under the lock.
-        let (mut cursor, mut pending) = {
-            let state = self.shared.state();
-            match from {
-                Some(rv) if rv < state.too_old_below || rv < state.dropped_upto => {
-                    let message =
-                        format!("too old resource version: {rv} ({})", state.too_old_below);
-                    drop(state);
-                    return self.gone(&message);
-                }
-                Some(rv) if !initial_events => (rv, Vec::new()),
-                _ => {
-                    // No version (or "0"): the current state as ADDED events.
-                    let lines: Vec<Vec<u8>> = state
-                        .objects
-                        .iter()
-                        .filter(|((k, _, _), object)| *k == kind && selector.matches(object))
-                        .map(|(_, object)| event_line("ADDED", object))
-                        .collect();
-                    (state.rv, lines)
-                }
+async fn stream_events(
+    shared: Arc<Shared>,
+    watch: WatchRequest,
+    lines: chan::Sender<Bytes>,
+    _open: OpenWatch,
+) {
+    let kind = watch.kind;
+    // Subscribed before the state is read: no change is missed.
+    let mut changes = shared.changed.subscribe();
+    // Where the stream starts, decided under the lock.
+    let start = {
+        let state = shared.state();
+        match watch.from {
+            Some(rv) if rv < state.too_old_below || rv < state.dropped_upto => Err(format!(
+                "too old resource version: {rv} ({})",
+                state.too_old_below
+            )),
+            Some(rv) if !watch.initial_events => Ok((rv, Vec::new())),
+            _ => {
+                // No version (or "0"): the current state as ADDED events.
+                let added: Vec<Vec<u8>> = state
+                    .objects
+                    .iter()
+                    .filter(|((k, _, _), object)| *k == kind && watch.selector.matches(object))
+                    .map(|(_, object)| event_line("ADDED", object))
+                    .collect();
+                Ok((state.rv, added))
             }
-        };
-        if initial_events {
-            pending.push(bookmark_line(kind, cursor, true));
         }
-        let mut last_bookmark = Instant::now();
-        loop {
-            for line in pending.drain(..) {
-                self.chunk(&line)?;
-            }
-            if self.dead() {
-                return Err(io::Error::other("connection killed"));
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                self.writer.write_all(b"0\r\n\r\n")?;
-                return self.writer.flush();
-            }
-            if bookmarks && last_bookmark.elapsed() >= BOOKMARK_INTERVAL {
-                self.chunk(&bookmark_line(kind, cursor, false))?;
-                last_bookmark = Instant::now();
-            }
-            let mut state = self.shared.state();
-            if state.down {
-                return Err(io::Error::other("server down"));
-            }
-            if state.rv == cursor {
-                state = self
-                    .shared
-                    .wake
-                    .wait_timeout(state, TICK)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+    };
+    let (mut cursor, mut pending) = match start {
+        Ok(start) => start,
+        Err(message) => {
+            let _ = lines.send(gone_line(&message).into()).await;
+            return;
+        }
+    };
+    if watch.initial_events {
+        pending.push(bookmark_line(kind, cursor, true));
+    }
+    let mut next_bookmark = tokio::time::Instant::now() + BOOKMARK_INTERVAL;
+    loop {
+        // Events newer than the cursor, then (when due) a bookmark at it.
+        let compacted = {
+            let state = shared.state();
             if cursor < state.dropped_upto {
                 // Compaction removed events this watch had not sent.
-                let message = format!(
+                pending.push(gone_line(&format!(
                     "too old resource version: {cursor} ({})",
                     state.too_old_below
+                )));
+                true
+            } else {
+                pending.extend(
+                    state
+                        .events
+                        .iter()
+                        .filter(|e| e.rv > cursor && e.kind == kind)
+                        .filter_map(|event| watch_event(event, &watch.selector)),
                 );
-                drop(state);
-                return self.gone(&message);
+                cursor = state.rv;
+                false
             }
-            for event in state
-                .events
-                .iter()
-                .filter(|e| e.rv > cursor && e.kind == kind)
-            {
-                if let Some(line) = watch_event(event, selector) {
-                    pending.push(line);
+        };
+        let now = tokio::time::Instant::now();
+        if watch.bookmarks && now >= next_bookmark && !compacted {
+            pending.push(bookmark_line(kind, cursor, false));
+            next_bookmark = now + BOOKMARK_INTERVAL;
+        }
+        for line in pending.drain(..) {
+            if lines.send(line.into()).await.is_err() {
+                return;
+            }
+        }
+        if compacted || watch.deadline.is_some_and(|deadline| now >= deadline) {
+            return;
+        }
+        let wake_at = [watch.deadline, watch.bookmarks.then_some(next_bookmark)]
+            .into_iter()
+            .flatten()
+            .min();
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
                 }
             }
-            cursor = state.rv;
+            () = sleep_until(wake_at) => {}
+            () = lines.closed() => return,
         }
-    }
-
-    /// One ERROR event with a 410 Expired Status, then the end of the stream.
-    fn gone(&mut self, message: &str) -> io::Result<()> {
-        let status = json!({
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": "Expired",
-            "code": 410,
-        });
-        self.chunk(&event_line("ERROR", &status))?;
-        self.writer.write_all(b"0\r\n\r\n")?;
-        self.writer.flush()
     }
 }
 
-/// Counts a watch as open while it lives.
-struct OpenWatch<'a>(&'a Shared);
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
-impl<'a> OpenWatch<'a> {
-    fn new(shared: &'a Shared) -> Self {
+/// One ERROR event with a 410 Expired Status (the stream ends after it).
+fn gone_line(message: &str) -> Vec<u8> {
+    let status = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": "Expired",
+        "code": 410,
+    });
+    event_line("ERROR", &status)
+}
+
+/// Counts a watch as open while it lives.
+struct OpenWatch(Arc<Shared>);
+
+impl OpenWatch {
+    fn new(shared: Arc<Shared>) -> Self {
         shared.state().open_watches += 1;
         OpenWatch(shared)
     }
 }
 
-impl Drop for OpenWatch<'_> {
+impl Drop for OpenWatch {
     fn drop(&mut self) {
         self.0.state().open_watches -= 1;
     }
 }
-
 /// What a watch with `selector` sees of `event`, as the API server's
 /// cacher decides it: starts matching -> ADDED, stops -> DELETED.
 fn watch_event(event: &Event, selector: &Selector) -> Option<Vec<u8>> {
@@ -1294,25 +1185,6 @@ fn bookmark_line(kind: Kind, rv: u64, initial_events_end: bool) -> Vec<u8> {
     let object =
         json!({"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": metadata});
     event_line("BOOKMARK", &object)
-}
-
-fn reason_phrase(code: u16) -> &'static str {
-    match code {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        409 => "Conflict",
-        410 => "Gone",
-        429 => "Too Many Requests",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Status",
-    }
 }
 
 fn status_reason(code: u16) -> &'static str {
@@ -1373,7 +1245,11 @@ mod tests {
     //! The double's own tests: raw HTTP for exact protocol checks, and the
     //! real kube-runtime watcher for compatibility. They need root (a
     //! network namespace) but not the agent.
-    use std::io::Read;
+    use std::{
+        collections::HashMap,
+        io::{BufRead, BufReader, Read},
+        net::TcpStream,
+    };
 
     use super::*;
 
@@ -1400,15 +1276,7 @@ mod tests {
     }
 
     fn encode(s: &str) -> String {
-        s.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect()
+        form_urlencoded::byte_serialize(s.as_bytes()).collect()
     }
 
     /// A raw HTTP/1.1 client on one connection.
@@ -1528,6 +1396,26 @@ mod tests {
                 .unwrap()
                 .to_string(),
         )
+    }
+
+    #[test]
+    fn request_targets_are_percent_decoded() {
+        let request = Request::new(
+            "GET",
+            "/api/v1/namespaces/a%2Db/services?labelSelector=%21x%2Cy+%3D%3D+z&watch&limit=5&limit=6",
+        );
+        assert_eq!(request.path, "/api/v1/namespaces/a-b/services");
+        assert_eq!(request.param("labelSelector"), Some("!x,y == z"));
+        assert_eq!(request.param("watch"), Some(""));
+        assert_eq!(request.param("limit"), Some("5"), "the first value");
+        assert_eq!(
+            request.collection(),
+            Some((Kind::Service, Some("a-b".to_string())))
+        );
+        assert_eq!(
+            query_param(&request.line, "labelSelector").as_deref(),
+            Some("!x,y == z")
+        );
     }
 
     #[test]
