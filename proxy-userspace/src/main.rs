@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::{IpNet, Ipv4Net};
 use proxy_userspace::{
     agent, conntrack, explain, host, inspect,
     model::{NodePortAddresses, Protocol, maglev::TableSize},
@@ -78,7 +79,8 @@ struct AgentArgs {
     healthz_bind_address: SocketAddr,
     /// Which node addresses serve NodePorts: "primary" (the node's primary
     /// address) or comma-separated CIDRs ("0.0.0.0/0": every address;
-    /// loopback only through a range inside 127.0.0.0/8).
+    /// loopback only through a range inside 127.0.0.0/8). IPv6 CIDRs are
+    /// accepted and skipped (IPv4 only); without IPv4 ones, "primary".
     #[arg(long, default_value = "primary", value_parser = parse_nodeport_addresses)]
     nodeport_addresses: NodePortAddresses,
     /// Devices external traffic arrives on (comma-separated): NodePorts,
@@ -316,19 +318,33 @@ fn print(
     Ok(())
 }
 
+/// As kube-proxy: an empty value is the default, and each IP family takes
+/// the CIDRs of its own family; this datapath is IPv4 only, so IPv6 CIDRs
+/// (from a dual-stack configuration) are skipped, and a list of IPv6 CIDRs
+/// alone leaves IPv4 on the primary address.
 fn parse_nodeport_addresses(value: &str) -> Result<NodePortAddresses, String> {
-    if value == "primary" {
+    if value == "primary" || value.trim().is_empty() {
         return Ok(NodePortAddresses::Primary);
     }
     let cidrs = value
         .split(',')
         .map(|cidr| {
             cidr.trim()
-                .parse()
-                .map_err(|err| format!("{cidr:?}: {err}"))
+                .parse::<IpNet>()
+                .map_err(|err| format!("{cidr:?}: {err} (expected \"primary\" or CIDRs)"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(NodePortAddresses::Cidrs(cidrs))
+    let ipv4: Vec<Ipv4Net> = cidrs
+        .into_iter()
+        .filter_map(|cidr| match cidr {
+            IpNet::V4(cidr) => Some(cidr),
+            IpNet::V6(_) => None,
+        })
+        .collect();
+    if ipv4.is_empty() {
+        return Ok(NodePortAddresses::Primary);
+    }
+    Ok(NodePortAddresses::Cidrs(ipv4))
 }
 
 fn parse_resync_interval(value: &str) -> Result<Duration, String> {
@@ -429,8 +445,29 @@ mod tests {
                 "127.0.0.0/8".parse().unwrap()
             ])
         );
+        // Unset in a kube-proxy configuration: the default.
+        assert_eq!(
+            cidrs("").unwrap().nodeport_addresses,
+            NodePortAddresses::Primary
+        );
+        // A dual-stack list: IPv4 takes its own family's CIDRs, as each of
+        // kube-proxy's per-family proxiers does.
+        assert_eq!(
+            cidrs("fd00::/64,10.0.0.0/8").unwrap().nodeport_addresses,
+            NodePortAddresses::Cidrs(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+        assert_eq!(
+            cidrs("::/0").unwrap().nodeport_addresses,
+            NodePortAddresses::Primary,
+            "no IPv4 CIDR: IPv4 stays on the primary address"
+        );
         for (value, why) in [
             ("192.168.0.0/33", "\"192.168.0.0/33\""),
+            ("fd00::/129", "\"fd00::/129\""),
+            (
+                "10.0.0.0/8,fd00::/64,bogus",
+                "\"bogus\": invalid IP address syntax (expected \"primary\" or CIDRs)",
+            ),
             ("192.168.0.1", "\"192.168.0.1\""),
             ("10.0.0.0/8,", "\"\""),
             ("Primary", "\"Primary\""),

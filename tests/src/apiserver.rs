@@ -1833,10 +1833,15 @@ mod tests {
         }
 
         // timeoutSeconds=2: the watch ends and is resumed, without a relist.
-        thread::sleep(Duration::from_millis(2500));
+        let watches = |log: &[Request]| log.iter().filter(|r| r.is_watch()).count();
+        let lists = |log: &[Request]| log.iter().filter(|r| !r.is_watch()).count();
+        let (watched, listed) = (watches(&api.request_log()), lists(&api.request_log()));
+        api.wait_for_requests("the watch resumed", Duration::from_secs(10), |log| {
+            watches(log) > watched
+        })
+        .unwrap();
         api.apply(svc("demo", "svc-9", ""));
         assert_eq!(next(), "apply svc-9");
-        let watches = api.request_log().iter().filter(|r| r.is_watch()).count();
-        assert!(watches >= 3, "{:?}", api.requests());
+        assert_eq!(lists(&api.request_log()), listed, "{:?}", api.requests());
     }
 }

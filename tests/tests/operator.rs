@@ -45,6 +45,33 @@ fn attached_hooks(node: &TestNode) -> Vec<String> {
         .collect()
 }
 
+/// Deletes the pinned backend entry of `addr:port`/TCP behind the agent's
+/// back, by the id `ebpf-proxy backends` shows.
+fn delete_backend(node: &TestNode, addr: &str, port: u64) {
+    let rows: Vec<Value> =
+        serde_json::from_str(&cli(node, "backends", &["--output", "json"])).unwrap();
+    let id = rows
+        .iter()
+        .find(|row| row["backend"]["addr"] == addr && row["backend"]["port"] == port)
+        .unwrap_or_else(|| panic!("no backend {addr}:{port}: {rows:?}"))["id"]
+        .as_u64()
+        .unwrap();
+    let key: Vec<String> = u32::try_from(id)
+        .unwrap()
+        .to_ne_bytes()
+        .iter()
+        .map(u8::to_string)
+        .collect();
+    run_checked(
+        Command::new("bpftool")
+            .args(["map", "delete", "pinned"])
+            .arg(node.pins.path().join("maps/lb4_backends"))
+            .arg("key")
+            .args(&key),
+    )
+    .unwrap();
+}
+
 #[test]
 fn uninstall_detaches_the_programs_and_removes_the_pins() {
     let mut node = TestNode::web("epua");
@@ -75,15 +102,25 @@ fn uninstall_detaches_the_programs_and_removes_the_pins() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(node.manifests.path().join("svc.yaml").exists());
+
+    // Nothing of the old datapath is in the way of a new agent.
+    node.start_agent();
+    assert_eq!(attached_hooks(&node).len(), 7);
+    let translated = node.tcp(&to, 5);
+    assert!(
+        translated.iter().all(|result| result["ok"] == true),
+        "translated again: {translated:?}"
+    );
 }
 
 #[test]
 fn counters_count_translations_refusals_drops_and_affinity_hits() {
     const EMPTY_VIP: &str = "10.96.0.20";
     const LOCAL_VIP: &str = "10.96.0.30";
+    const SOLO_VIP: &str = "10.96.0.40";
     let affinity =
         "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}\n";
-    let node = TestNode::serving(
+    let mut node = TestNode::serving(
         "epub",
         &[
             (
@@ -118,6 +155,22 @@ fn counters_count_translations_refusals_drops_and_affinity_hits() {
                     "",
                 ),
             ),
+            // The only Service on backend 1's port 8443: its entry can be
+            // removed without touching the others.
+            (
+                "solo.yaml",
+                &service_with("solo", SOLO_VIP, &[("https", 443, "TCP")], "", ""),
+            ),
+            (
+                "solo-slice.yaml",
+                &slice_with(
+                    "solo-x1",
+                    "solo",
+                    &[("https", 8443, "TCP")],
+                    &BACKENDS[..1],
+                    "",
+                ),
+            ),
         ],
     );
     let before = counters(node.pins.path());
@@ -129,17 +182,34 @@ fn counters_count_translations_refusals_drops_and_affinity_hits() {
     let dropped = &node.tcp(&format!("{LOCAL_VIP}:80"), 1)[0];
     assert_eq!(dropped["errno"], EHOSTUNREACH, "rule 19: {dropped}");
 
-    let after = counters(node.pins.path());
-    let added = |name: &str| after[name] - before[name];
-    assert_eq!(added("translated"), 5, "{after:?}");
+    let consistent = counters(node.pins.path());
+    let added = |name: &str| consistent[name] - before[name];
+    assert_eq!(added("translated"), 5, "{consistent:?}");
     assert_eq!(added("affinity_hit"), 4, "the first pick is no hit");
-    assert_eq!(added("rejected_no_backend"), 1, "{after:?}");
-    assert_eq!(added("dropped_no_local_backend"), 1, "{after:?}");
-    assert_eq!(added("missing_backend"), 0, "{after:?}");
+    assert_eq!(added("rejected_no_backend"), 1, "{consistent:?}");
+    assert_eq!(added("dropped_no_local_backend"), 1, "{consistent:?}");
+    assert_eq!(added("missing_backend"), 0, "{consistent:?}");
+
+    // Someone else deletes a backend entry a slot still names. With the
+    // agent gone nothing puts it back: the connect is refused, not leaked
+    // to the frontend address, and counted.
+    node.agent_mut().kill();
+    delete_backend(&node, BACKENDS[0], 8443);
+    let missing = &node.tcp(&format!("{SOLO_VIP}:443"), 1)[0];
+    assert_eq!(missing["errno"], ECONNREFUSED, "{missing}");
+    let after = counters(node.pins.path());
+    assert_eq!(after["missing_backend"] - consistent["missing_backend"], 1);
+    assert_eq!(after["translated"], consistent["translated"]);
 
     // The table shows the same numbers, one counter a line.
     let table = cli(&node, "counters", &[]);
-    for name in ["translated", "affinity_hit", "rejected_no_backend"] {
+    for name in [
+        "translated",
+        "affinity_hit",
+        "rejected_no_backend",
+        "dropped_no_local_backend",
+        "missing_backend",
+    ] {
         let line = table
             .lines()
             .find(|line| line.split_whitespace().next() == Some(name))

@@ -242,18 +242,33 @@ fn scenario_17_ignored_services_program_nothing_until_the_label_goes() {
     assert!(node.services().is_empty());
     assert_eq!(errno_of(&node, &format!("{VIP}:80")), ENETUNREACH);
 
-    for ignored in [
+    // Each ignored variant shares its file with a marker Service on a port
+    // of its own: once the marker is programmed, the agent has read the
+    // variant too (one file, one read).
+    const MARKER_VIP: &str = "10.96.0.99";
+    for (port, ignored) in (81..).zip([
         cluster_ip.replace("metadata: {name: web, namespace: demo}", "metadata: {name: web, namespace: demo, labels: {service.kubernetes.io/headless: ''}}"),
         cluster_ip.replace(&format!("clusterIP: {VIP}"), "clusterIP: None"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: demo}\nspec: {type: ExternalName, externalName: example.org}\n".to_string(),
-    ] {
-        node.write("svc.yaml", &ignored);
-        thread::sleep(Duration::from_millis(600));
-        assert!(node.services().is_empty(), "programmed: {ignored}");
+    ]) {
+        let marker = service_with("marker", MARKER_VIP, &[("http", port, "TCP")], "", "");
+        node.write("svc.yaml", &format!("{ignored}---\n{marker}"));
+        node.wait_for("the marker next to the ignored Service", |rows| {
+            rows.iter().any(|row| {
+                row["frontend"]["addr"] == MARKER_VIP && row["frontend"]["port"] == port
+            })
+        });
+        let rows = node.services();
+        assert!(
+            rows.iter().all(|row| row["frontend"]["addr"] == MARKER_VIP),
+            "programmed: {ignored}\n{rows:#?}"
+        );
     }
 
     node.write("svc.yaml", &cluster_ip);
-    node.wait_for("the service", |rows| !rows.is_empty());
+    node.wait_for("the service", |rows| {
+        rows.iter().any(|row| row["frontend"]["addr"] == VIP)
+    });
     assert_eq!(backend_of(&node, &format!("{VIP}:80")), "backend-1");
 }
 

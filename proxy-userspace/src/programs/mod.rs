@@ -19,6 +19,7 @@
 //! exhaustion, inconsistent maps) through aya-log: [`Datapath::forward_logs`]
 //! turns them into lines of the agent's own log.
 
+mod detach;
 mod migrate;
 mod mounts;
 
@@ -579,7 +580,25 @@ pub fn uninstall(bpffs: &Path) -> Result<()> {
             bpffs.display()
         );
     }
+    detach_links(&bpffs.join(LINKS_DIR));
     fs::remove_dir_all(bpffs).with_context(|| format!("removing {}", bpffs.display()))
+}
+
+/// Takes every pinned link off its hook before the pins go, so that no
+/// program runs once `uninstall` returns. A link that cannot be detached
+/// (an older kernel) is still released when its pin is removed.
+fn detach_links(links: &Path) {
+    let Ok(entries) = fs::read_dir(links) else {
+        return;
+    };
+    for pin in entries
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path())
+    {
+        if let Err(err) = detach::detach_pinned_link(&pin) {
+            tracing::warn!(pin = %pin.display(), error = %err, "cannot detach the link; it goes with its pin");
+        }
+    }
 }
 
 #[cfg(test)]

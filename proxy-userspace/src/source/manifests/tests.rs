@@ -365,3 +365,73 @@ fn yaml_is_typed_as_serde_yaml_typed_it() {
         serde_json::json!({"a": "y", "b": "on", "c": true, "d": "0755", "e": "1_000", "f": 80})
     );
 }
+
+/// A ConfigMap volume as the kubelet writes it: the files live in a
+/// timestamped `..` directory, `..data` points at it, and every visible
+/// name is a symlink through `..data`. An update writes a new directory and
+/// swaps `..data` in one rename.
+fn configmap_update(dir: &Path, version: u32, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+
+    let data = format!("..2026_11_29_00_00_00.{version:09}");
+    fs::create_dir(dir.join(&data)).unwrap();
+    for (name, text) in files {
+        write(&dir.join(&data), name, text);
+        let visible = dir.join(name);
+        if fs::symlink_metadata(&visible).is_err() {
+            symlink(Path::new("..data").join(name), visible).unwrap();
+        }
+    }
+    let old = fs::read_link(dir.join("..data")).ok();
+    symlink(&data, dir.join("..data_tmp")).unwrap();
+    fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    if let Some(old) = old {
+        fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[test]
+fn configmap_volume_is_read_once_through_its_symlinks_and_follows_swaps() {
+    let dir = tempfile::tempdir().unwrap();
+    configmap_update(
+        dir.path(),
+        1,
+        &[("web.yaml", WEB), ("slice.yaml", WEB_SLICE)],
+    );
+    let mut source = ManifestsSource::new(dir.path(), "n");
+    let poll = source.poll().unwrap();
+    // The `..` directory and `..data` hold the same files again: read
+    // twice, every object would be reported as a duplicate.
+    assert!(poll.problems.is_empty(), "{:?}", poll.problems);
+    let snapshot = poll.snapshot.unwrap();
+    assert_eq!(
+        cluster_ip(&snapshot, "web"),
+        Some(Ipv4Addr::new(10, 96, 0, 10))
+    );
+    assert_eq!(snapshot.slices.len(), 1);
+
+    // Same size, at once: only the symlink's target changed.
+    configmap_update(
+        dir.path(),
+        2,
+        &[
+            ("web.yaml", &WEB.replace("10.96.0.10", "10.96.0.11")),
+            ("slice.yaml", WEB_SLICE),
+        ],
+    );
+    let poll = poll_change(&mut source);
+    assert!(poll.problems.is_empty(), "{:?}", poll.problems);
+    let snapshot = poll.snapshot.expect("the swap is seen");
+    assert_eq!(
+        cluster_ip(&snapshot, "web"),
+        Some(Ipv4Addr::new(10, 96, 0, 11))
+    );
+    assert_eq!(snapshot.slices.len(), 1);
+
+    // A file dropped from the ConfigMap leaves a dangling symlink behind.
+    configmap_update(dir.path(), 3, &[("web.yaml", WEB)]);
+    let poll = poll_change(&mut source);
+    assert!(poll.problems.is_empty(), "{:?}", poll.problems);
+    let snapshot = poll.snapshot.expect("the removal is seen");
+    assert!(snapshot.slices.is_empty(), "{:?}", snapshot.slices);
+}
