@@ -76,10 +76,6 @@ pub struct AgentConfig {
 
 /// How soon a sync that failed part-way is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the node's interface addresses are compared with those the
-/// NodePort frontends were planned on (rule 11: an address added or
-/// removed is followed without a restart).
-const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
     let (snapshots, mut updates) = watch::channel(None);
@@ -103,6 +99,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let health = Health::new(config.health_timeout, status);
     let health_listener = http::bind(config.healthz_bind_address, "health").await?;
     let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
+    // Rule 11: NodePorts follow the node's addresses as they change.
+    let mut node_addresses = host::addresses::watch()?;
 
     programs::check_devices(&config.devices)?;
     programs::check_cgroup2(&config.cgroup)?;
@@ -145,7 +143,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut pending: Option<DesiredState> = None;
-    let mut address_check = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + config.resync_interval,
         config.resync_interval,
@@ -165,8 +162,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
             }
             _ = tokio::time::sleep(RETRY_INTERVAL), if pending.is_some() => {}
-            _ = address_check.tick() => {
-                if let Some(snapshot) = sync.addresses_changed() {
+            changed = node_addresses.changed() => {
+                if changed.is_err() {
+                    bail!("the node address watch stopped");
+                }
+                let now = node_addresses.borrow_and_update().clone();
+                if let Some(snapshot) = sync.addresses_changed(&now) {
                     pending = Some(sync.plan(snapshot).await);
                 }
             }
@@ -245,12 +246,8 @@ impl SyncLoop {
 
     /// The last snapshot again when the node's addresses are no longer
     /// those it was planned on.
-    fn addresses_changed(&self) -> Option<ClusterSnapshot> {
-        if !self.planned {
-            return None;
-        }
-        let now = local_addresses();
-        if now == self.last_snapshot.local_addresses {
+    fn addresses_changed(&self, now: &[Ipv4Addr]) -> Option<ClusterSnapshot> {
+        if !self.planned || now == self.last_snapshot.local_addresses {
             return None;
         }
         tracing::info!(

@@ -264,3 +264,60 @@ fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
     let result = &node.tcp(&format!("{not_served}:30080"), 1)[0];
     assert_eq!(result["errno"], ECONNREFUSED, "{result}");
 }
+
+#[test]
+fn rule_11_nodeport_frontends_follow_addresses_added_to_and_removed_from_the_node() {
+    let mut node = TestNode::new("epue");
+    node.write(
+        "svc.yaml",
+        &service("web", &[("http", 80, "TCP")], "  type: NodePort\n").replace(
+            "{name: http, port: 80, protocol: TCP}",
+            "{name: http, port: 80, protocol: TCP, nodePort: 30080}",
+        ),
+    );
+    node.write(
+        "slice.yaml",
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    );
+    node.start_agent_with(&["--nodeport-addresses", "192.168.5.0/24"]);
+    let node_ports = |rows: &[Value]| -> Vec<String> {
+        let mut frontends: Vec<String> = rows
+            .iter()
+            .filter(|row| row["frontend"]["port"] == 30080)
+            .map(|row| row["frontend"]["addr"].as_str().unwrap().to_string())
+            .collect();
+        frontends.dedup();
+        frontends
+    };
+    assert_eq!(node_ports(&node.services()), Vec::<String>::new());
+    let added = "192.168.5.7";
+    let on_added = format!("{added}:30080");
+
+    // No Service changes: the address alone makes the frontend.
+    node.netns
+        .ip(&["addr", "add", &format!("{added}/32"), "dev", "lo"])
+        .unwrap();
+    node.wait_for("the added address to serve the NodePort", |rows| {
+        node_ports(rows) == [added]
+    });
+    let result = &node.tcp(&on_added, 1)[0];
+    assert_eq!(result["ok"], true, "{result}");
+
+    node.netns
+        .ip(&["addr", "del", &format!("{added}/32"), "dev", "lo"])
+        .unwrap();
+    node.wait_for("the removed address to stop serving", |rows| {
+        node_ports(rows).is_empty()
+    });
+    assert!(
+        node.services()
+            .iter()
+            .any(|row| row["frontend"]["addr"] == VIP),
+        "the ClusterIP stays"
+    );
+    assert!(
+        node.agent().log().contains("node addresses changed"),
+        "{}",
+        node.agent().log_tail(20)
+    );
+}
