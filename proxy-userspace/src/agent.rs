@@ -78,6 +78,8 @@ pub struct AgentConfig {
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
+    // An older kernel would load the programs and fail them at run time.
+    let kernel = host::kernel::check()?;
     let (snapshots, mut updates) = watch::channel(None);
     let status = SourceStatus::default();
     // Everything that can fail on bad flags fails before the datapath changes.
@@ -119,6 +121,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         bpffs = %config.bpffs.display(),
         cgroup = %config.cgroup.display(),
         devices = %config.devices.join(","),
+        kernel = %kernel,
         frontends = reconciler.frontend_count(),
         migrating = datapath.migrating(),
         maglev_table_size = %config.maglev_table_size,

@@ -561,6 +561,35 @@ fn agent_without_cgroup2_or_bpffs_exits_with_advice() {
 }
 
 #[test]
+fn agent_on_a_kernel_older_than_6_7_exits_naming_what_is_missing_before_pinning() {
+    let manifests = TempDir::new("epsq").unwrap();
+    let pins = std::path::Path::new("/sys/fs/bpf/epsq-unused");
+    let out = Command::new(agent_bin())
+        .args(["agent", "--manifests"])
+        .arg(manifests.path())
+        .arg("--bpffs")
+        .arg(pins)
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        // What a 6.6 kernel reports; the real kernel is newer.
+        .env("EBPF_PROXY_KERNEL_RELEASE", "6.6.58-generic")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kernel 6.6.58-generic is too old: the datapath needs Linux >= 6.7"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("BPF_FIB_LOOKUP_SRC"), "{stderr}");
+    assert!(!pins.exists(), "an old kernel left pins behind");
+}
+
+#[test]
 fn kill_9_restarts_under_load_fail_no_connection() {
     let mut node = TestNode::web("epsm");
     let to = format!("{VIP}:80");
