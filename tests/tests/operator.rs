@@ -2,7 +2,7 @@
 //! and flags (`--nodeport-addresses`) against a running datapath, black box
 //! (fixture in `common`). Rule numbers refer to SERVICE-SEMANTICS.md.
 
-use std::process::Command;
+use std::{fs, process::Command};
 
 use proxy_tests::{agent_bin, manifests::endpoint_slice, run_checked};
 use serde_json::Value;
@@ -320,4 +320,54 @@ fn rule_11_nodeport_frontends_follow_addresses_added_to_and_removed_from_the_nod
         "{}",
         node.agent().log_tail(20)
     );
+}
+
+#[test]
+fn port_refused_for_map_room_is_programmed_once_a_deleted_service_frees_it() {
+    let mut node = TestNode::new("epuf");
+    let vips = [
+        ("a", "10.96.0.21"),
+        ("b", "10.96.0.22"),
+        ("c", "10.96.0.23"),
+    ];
+    for (name, vip) in vips {
+        node.write(
+            &format!("{name}.yaml"),
+            &service_with(name, vip, &[("http", 80, "TCP")], "", ""),
+        );
+        node.write(
+            &format!("{name}-slice.yaml"),
+            &slice(name, &[("http", 8080, "TCP")], &BACKENDS[..1]),
+        );
+    }
+    // A master and a slot per port: room for two of the three.
+    node.start_agent_with(&["--max-services", "4"]);
+    let served = |rows: &[Value]| -> Vec<String> {
+        rows.iter()
+            .map(|row| row["frontend"]["addr"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = served(&node.services());
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(
+        node.agent().log().contains("the maps have no room left"),
+        "{}",
+        node.agent().log_tail(20)
+    );
+    let (refused, _) = vips
+        .iter()
+        .find(|(_, vip)| !first.iter().any(|served| served == vip))
+        .unwrap();
+    let (deleted, _) = vips.iter().find(|(name, _)| name != refused).unwrap();
+
+    // Deleting a served Service frees its entries for the refused one.
+    fs::remove_file(node.manifests.path().join(format!("{deleted}.yaml"))).unwrap();
+    fs::remove_file(node.manifests.path().join(format!("{deleted}-slice.yaml"))).unwrap();
+    let refused_vip = vips.iter().find(|(name, _)| name == refused).unwrap().1;
+    node.wait_for("the refused port to be programmed", |rows| {
+        let now = served(rows);
+        now.len() == 2 && now.iter().any(|vip| vip == refused_vip)
+    });
+    let result = &node.tcp(&format!("{refused_vip}:80"), 1)[0];
+    assert_eq!(result["ok"], true, "{result}");
 }
