@@ -25,8 +25,8 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// Subscribes to address changes, then reads the addresses (in that order,
 /// so no change between the two is missed) and follows them on a task. The
-/// receiver holds the current list, sorted; the task ends, closing the
-/// channel, only if the socket fails.
+/// receiver holds the current list, sorted; the task ends when the
+/// receiver is dropped, or closes the channel if the socket fails.
 pub fn watch() -> Result<watch::Receiver<Vec<Ipv4Addr>>> {
     let socket =
         AddressEvents::subscribe().context("subscribing to address changes (rtnetlink)")?;
