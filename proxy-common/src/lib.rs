@@ -586,10 +586,13 @@ pub enum Counter {
     FragmentPassed = 18,
     /// An ICMP error about a tracked flow was translated back.
     IcmpErrorTranslated = 19,
+    /// A socket's chosen slot was gone (its service shrank between the
+    /// master read and the slot read): the master was read once more.
+    MasterReread = 20,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Translated,
         Counter::RejectedNoBackend,
@@ -611,6 +614,7 @@ impl Counter {
         Counter::MalformedIpHeader,
         Counter::FragmentPassed,
         Counter::IcmpErrorTranslated,
+        Counter::MasterReread,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -635,6 +639,7 @@ impl Counter {
             Counter::MalformedIpHeader => "malformed_ip_header",
             Counter::FragmentPassed => "fragment_passed",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::MasterReread => "master_reread",
         }
     }
 }

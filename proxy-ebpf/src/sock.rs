@@ -143,6 +143,7 @@ fn translate_to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // that read the old master may find its slot gone: the master read
     // again has the new count.
     if let Choice::Missing = choice {
+        count(Counter::MasterReread);
         choice = choose(client, &master_key);
     }
     let backend = match choice {

@@ -74,12 +74,10 @@ pub struct AgentConfig {
 
 /// How soon a sync that failed part-way is tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(1);
-/// How often the node's interface addresses are compared with those the
-/// NodePort frontends were planned on (rule 11: an address added or
-/// removed is followed without a restart).
-const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 pub async fn run(config: AgentConfig) -> Result<()> {
+    // An older kernel would load the programs and fail them at run time.
+    let kernel = host::kernel::check()?;
     let (snapshots, mut updates) = watch::channel(None);
     let status = SourceStatus::default();
     // Everything that can fail on bad flags fails before the datapath changes.
@@ -101,6 +99,8 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let health = Health::new(config.health_timeout, status);
     let health_listener = http::bind(config.healthz_bind_address, "health").await?;
     let metrics_listener = http::bind(config.metrics_bind_address, "metrics").await?;
+    // Rule 11: NodePorts follow the node's addresses as they change.
+    let mut node_addresses = host::addresses::watch()?;
 
     programs::check_devices(&config.devices)?;
     programs::check_cgroup2(&config.cgroup)?;
@@ -119,6 +119,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         bpffs = %config.bpffs.display(),
         cgroup = %config.cgroup.display(),
         devices = %config.devices.join(","),
+        kernel = %kernel,
         frontends = reconciler.frontend_count(),
         migrating = datapath.migrating(),
         maglev_table_size = %config.maglev_table_size,
@@ -150,7 +151,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut unsettled = false;
-    let mut address_check = tokio::time::interval(ADDRESS_CHECK_INTERVAL);
     let mut resync = tokio::time::interval_at(
         tokio::time::Instant::now() + config.resync_interval,
         config.resync_interval,
@@ -169,10 +169,16 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 }
             }
             _ = tokio::time::sleep(RETRY_INTERVAL), if unsettled => Work::Retry,
-            _ = address_check.tick() => match sync.addresses_changed() {
-                Some(snapshot) => Work::Plan(snapshot),
-                None => continue,
-            },
+            changed = node_addresses.changed() => {
+                if changed.is_err() {
+                    bail!("the node address watch stopped");
+                }
+                let now = node_addresses.borrow_and_update().clone();
+                match sync.addresses_changed(now) {
+                    Some(snapshot) => Work::Plan(snapshot),
+                    None => continue,
+                }
+            }
             _ = resync.tick() => Work::Resync,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -233,9 +239,8 @@ impl SyncLoop {
 
     /// The last snapshot again when the node's addresses are no longer
     /// those it was planned on.
-    fn addresses_changed(&mut self) -> Option<ClusterSnapshot> {
+    fn addresses_changed(&mut self, now: Vec<Ipv4Addr>) -> Option<ClusterSnapshot> {
         let last = self.last_snapshot.as_mut()?;
-        let now = local_addresses();
         if now == last.local_addresses {
             return None;
         }

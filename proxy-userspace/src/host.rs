@@ -4,6 +4,9 @@ use std::net::Ipv4Addr;
 
 use anyhow::Result;
 
+pub mod addresses;
+pub mod kernel;
+
 /// The kernel's host name, lowercased as Kubernetes node names are.
 pub fn hostname() -> Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;

@@ -2,7 +2,7 @@
 //! and flags (`--nodeport-addresses`) against a running datapath, black box
 //! (fixture in `common`). Rule numbers refer to SERVICE-SEMANTICS.md.
 
-use std::process::Command;
+use std::{fs, process::Command};
 
 use proxy_tests::{agent_bin, manifests::endpoint_slice, run_checked};
 use serde_json::Value;
@@ -333,4 +333,111 @@ fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
     // Untranslated, the port is closed on that address.
     let result = &node.tcp(&format!("{not_served}:30080"), 1)[0];
     assert_eq!(result["errno"], ECONNREFUSED, "{result}");
+}
+
+#[test]
+fn rule_11_nodeport_frontends_follow_addresses_added_to_and_removed_from_the_node() {
+    let mut node = TestNode::new("epue");
+    node.write(
+        "svc.yaml",
+        &service("web", &[("http", 80, "TCP")], "  type: NodePort\n").replace(
+            "{name: http, port: 80, protocol: TCP}",
+            "{name: http, port: 80, protocol: TCP, nodePort: 30080}",
+        ),
+    );
+    node.write(
+        "slice.yaml",
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    );
+    node.start_agent_with(&["--nodeport-addresses", "192.168.5.0/24"]);
+    let node_ports = |rows: &[Value]| -> Vec<String> {
+        let mut frontends: Vec<String> = rows
+            .iter()
+            .filter(|row| row["frontend"]["port"] == 30080)
+            .map(|row| row["frontend"]["addr"].as_str().unwrap().to_string())
+            .collect();
+        frontends.dedup();
+        frontends
+    };
+    assert_eq!(node_ports(&node.services()), Vec::<String>::new());
+    let added = "192.168.5.7";
+    let on_added = format!("{added}:30080");
+
+    // No Service changes: the address alone makes the frontend.
+    node.netns
+        .ip(&["addr", "add", &format!("{added}/32"), "dev", "lo"])
+        .unwrap();
+    node.wait_for("the added address to serve the NodePort", |rows| {
+        node_ports(rows) == [added]
+    });
+    let result = &node.tcp(&on_added, 1)[0];
+    assert_eq!(result["ok"], true, "{result}");
+
+    node.netns
+        .ip(&["addr", "del", &format!("{added}/32"), "dev", "lo"])
+        .unwrap();
+    node.wait_for("the removed address to stop serving", |rows| {
+        node_ports(rows).is_empty()
+    });
+    assert!(
+        node.services()
+            .iter()
+            .any(|row| row["frontend"]["addr"] == VIP),
+        "the ClusterIP stays"
+    );
+    assert!(
+        node.agent().log().contains("node addresses changed"),
+        "{}",
+        node.agent().log_tail(20)
+    );
+}
+
+#[test]
+fn port_refused_for_map_room_is_programmed_once_a_deleted_service_frees_it() {
+    let mut node = TestNode::new("epuf");
+    let vips = [
+        ("a", "10.96.0.21"),
+        ("b", "10.96.0.22"),
+        ("c", "10.96.0.23"),
+    ];
+    for (name, vip) in vips {
+        node.write(
+            &format!("{name}.yaml"),
+            &service_with(name, vip, &[("http", 80, "TCP")], "", ""),
+        );
+        node.write(
+            &format!("{name}-slice.yaml"),
+            &slice(name, &[("http", 8080, "TCP")], &BACKENDS[..1]),
+        );
+    }
+    // A master and a slot per port: room for two of the three.
+    node.start_agent_with(&["--max-services", "4"]);
+    let served = |rows: &[Value]| -> Vec<String> {
+        rows.iter()
+            .map(|row| row["frontend"]["addr"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let first = served(&node.services());
+    assert_eq!(first.len(), 2, "{first:?}");
+    assert!(
+        node.agent().log().contains("the maps have no room left"),
+        "{}",
+        node.agent().log_tail(20)
+    );
+    let (refused, _) = vips
+        .iter()
+        .find(|(_, vip)| !first.iter().any(|served| served == vip))
+        .unwrap();
+    let (deleted, _) = vips.iter().find(|(name, _)| name != refused).unwrap();
+
+    // Deleting a served Service frees its entries for the refused one.
+    fs::remove_file(node.manifests.path().join(format!("{deleted}.yaml"))).unwrap();
+    fs::remove_file(node.manifests.path().join(format!("{deleted}-slice.yaml"))).unwrap();
+    let refused_vip = vips.iter().find(|(name, _)| name == refused).unwrap().1;
+    node.wait_for("the refused port to be programmed", |rows| {
+        let now = served(rows);
+        now.len() == 2 && now.iter().any(|vip| vip == refused_vip)
+    });
+    let result = &node.tcp(&format!("{refused_vip}:80"), 1)[0];
+    assert_eq!(result["ok"], true, "{result}");
 }

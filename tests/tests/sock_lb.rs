@@ -7,6 +7,10 @@ use std::{
     fs,
     net::Ipv4Addr,
     process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -566,6 +570,35 @@ fn agent_without_cgroup2_or_bpffs_exits_with_advice() {
 }
 
 #[test]
+fn agent_on_a_kernel_older_than_6_7_exits_naming_what_is_missing_before_pinning() {
+    let manifests = TempDir::new("epsq").unwrap();
+    let pins = std::path::Path::new("/sys/fs/bpf/epsq-unused");
+    let out = Command::new(agent_bin())
+        .args(["agent", "--manifests"])
+        .arg(manifests.path())
+        .arg("--bpffs")
+        .arg(pins)
+        .args([
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+        ])
+        // What a 6.6 kernel reports; the real kernel is newer.
+        .env("EBPF_PROXY_KERNEL_RELEASE", "6.6.58-generic")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kernel 6.6.58-generic is too old: the datapath needs Linux >= 6.7"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("BPF_FIB_LOOKUP_SRC"), "{stderr}");
+    assert!(!pins.exists(), "an old kernel left pins behind");
+}
+
+#[test]
 fn kill_9_restarts_under_load_fail_no_connection() {
     let mut node = TestNode::web("epsm");
     let to = format!("{VIP}:80");
@@ -683,4 +716,82 @@ fn rule_34_metrics_show_sync_and_datapath_counters() {
         value("ebpf_proxy_map_capacity{map=\"lb4_services\"}"),
         f64::from(proxy_common::map_sizes::SERVICES)
     );
+}
+
+#[test]
+fn connect_racing_a_shrinking_service_rereads_its_master_instead_of_refusing() {
+    let mut node = TestNode::new("epsr");
+    node.write("svc.yaml", &service("web", &[("http", 80, "TCP")], ""));
+    node.write(
+        "slice.yaml",
+        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
+    );
+    // The agent must not repair the maps this test flips.
+    node.start_agent_with(&["--resync-interval", "1h"]);
+    let services = services_map(&node);
+    let master = vip_master(80);
+    let grown = services.get(&master, 0).unwrap();
+    assert_eq!(grown.count, 3);
+    let last_slot = ServiceKey { slot: 3, ..master };
+    let last_slot_value = services.get(&last_slot, 0).unwrap();
+
+    // A writer shrinks and grows the service as the reconciler does: the
+    // count before the slot delete, the slot before the count. A connect
+    // that read the 3 and then finds slot 3 gone meets the race.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut services = services_map(&node);
+        let shrunk = ServiceValue { count: 2, ..grown };
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                services.insert(master, shrunk, 0).unwrap();
+                services.remove(&last_slot).unwrap();
+                services.insert(last_slot, last_slot_value, 0).unwrap();
+                services.insert(master, grown, 0).unwrap();
+            }
+        })
+    };
+    let _stop_writer = StopOnDrop(stop.clone());
+    let before = counters(node.pins.path());
+    let to = format!("{VIP}:80");
+    let start = Instant::now();
+    let (mut connects, mut refused) = (0, 0);
+    // The window is a few instructions wide: connect in batches until the
+    // race was met (a generous deadline for a loaded machine).
+    let (rereads, missing) = loop {
+        let results = node.tcp(&to, 1000);
+        connects += results.len();
+        refused += results.iter().filter(|result| result["ok"] != true).count();
+        let now = counters(node.pins.path());
+        let rereads = now["master_reread"] - before["master_reread"];
+        if rereads > 0 {
+            break (rereads, now["missing_backend"] - before["missing_backend"]);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "no connect met the race in {connects} connects"
+        );
+    };
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    // Only a reread that misses again refuses, and is counted as such; a
+    // reread without a second race finds the new count and connects.
+    assert_eq!(
+        refused as u64, missing,
+        "{connects} connects, {rereads} rereads"
+    );
+    assert!(
+        missing < rereads,
+        "{connects} connects: every one of {rereads} rereads missed again"
+    );
+}
+
+/// Stops the map writer also when the test fails.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

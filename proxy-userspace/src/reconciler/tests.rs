@@ -1268,6 +1268,50 @@ fn port_refused_for_room_is_programmed_once_the_same_sync_frees_it() {
 }
 
 #[test]
+fn port_refused_for_room_is_programmed_by_the_later_sync_whose_deletes_free_it() {
+    let datapath = MemoryDatapath {
+        capacity: Some(Capacity {
+            services: 4,
+            backends: 100,
+            rev_nat: 100,
+            source_ranges: 100,
+            affinity_match: 100,
+            maglev_tables: 100,
+        }),
+        ..MemoryDatapath::default()
+    };
+    let mut reconciler = Reconciler::new(datapath).unwrap();
+    // a and b fill the services map (master and slot each): c is refused,
+    // which is no failure to retry.
+    let report = reconciler.sync(&desired(&[
+        ("a", plan(10, &[11], None)),
+        ("b", plan(20, &[21], None)),
+        ("c", plan(30, &[31], None)),
+    ]));
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(report.over_capacity.len(), 1);
+    assert_eq!(report.over_capacity[0].0, port_name("c"));
+    assert_eq!(backends_of(reconciler.datapath(), 30), None);
+
+    // The next change deletes a: its room goes to c in that same sync.
+    let before = snapshot(reconciler.datapath());
+    let writes_before = reconciler.datapath().writes.len();
+    let report = reconciler.sync(&desired(&[
+        ("b", plan(20, &[21], None)),
+        ("c", plan(30, &[31], None)),
+    ]));
+    assert!(report.over_capacity.is_empty(), "{report:?}");
+    assert!(report.is_complete(), "{report:?}");
+    assert_eq!(backends_of(reconciler.datapath(), 10), None);
+    assert_eq!(
+        backends_of(reconciler.datapath(), 30),
+        Some(vec![backend(31)])
+    );
+    assert_consistent_at_every_write(&before, &reconciler.datapath().writes[writes_before..]);
+    reconciler.datapath().check_settled().unwrap();
+}
+
+#[test]
 fn capacity_counts_every_map_a_port_adds_to() {
     let node_port = || desired(&[("web", node_port_local())]);
     // (map, capacity with that map one entry short, needed, free)

@@ -160,7 +160,10 @@ enum Group {
 
 fn group(counter: Counter) -> Group {
     match counter {
-        Counter::Translated | Counter::RevNatStoreFailed | Counter::RevNatApplied => Group::Socket,
+        Counter::Translated
+        | Counter::RevNatStoreFailed
+        | Counter::RevNatApplied
+        | Counter::MasterReread => Group::Socket,
         Counter::RejectedNoBackend
         | Counter::MissingBackend
         | Counter::DroppedNoLocalBackend
