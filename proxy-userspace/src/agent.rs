@@ -35,6 +35,7 @@ use crate::{
     },
     programs,
     reconciler::{Reconciler, SyncReport},
+    sockets::StaleSocketTerminator,
     source::{SourceStatus, kube::KubeSource, manifests::ManifestsSource},
 };
 
@@ -72,6 +73,9 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     /// What the programs log into the agent's log.
     pub datapath_log_level: programs::DatapathLogLevel,
+    /// Whether TCP sockets connected to a removed backend are destroyed
+    /// (UDP ones always are).
+    pub destroy_tcp_sockets: bool,
 }
 
 /// How soon a sync that failed part-way is tried again.
@@ -136,6 +140,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut sync = SyncLoop {
         health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
         health,
+        stale_sockets: StaleSocketTerminator::new(
+            config.cgroup.clone(),
+            config.destroy_tcp_sockets,
+            metrics.clone(),
+        ),
         metrics,
         nodeport_addresses: config.nodeport_addresses.clone(),
         last_snapshot: ClusterSnapshot::default(),
@@ -214,6 +223,7 @@ struct SyncLoop {
     health: Health,
     metrics: Metrics,
     health_checks: HealthCheckServers,
+    stale_sockets: StaleSocketTerminator,
     nodeport_addresses: NodePortAddresses,
     last_snapshot: ClusterSnapshot,
     /// Whether a snapshot was planned (before, there is nothing to replan).
@@ -271,6 +281,7 @@ impl SyncLoop {
             report.wildcards_over_capacity as i64,
         );
         log_report(&report, desired.ports.len());
+        self.stale_sockets.after_sync(&report.removed_backends);
         if !report.is_complete() {
             return false;
         }

@@ -40,6 +40,11 @@ pub struct TrafficPolicyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemovalLabel {
     reason: &'static str,
 }
@@ -62,6 +67,7 @@ pub struct Metrics {
     conntrack_gc_orphans: Counter,
     conntrack_gc_duration: Histogram,
     wildcards_over_capacity: Gauge,
+    stale_sockets_destroyed: Family<ProtocolLabel, Counter>,
 }
 
 impl Metrics {
@@ -83,6 +89,7 @@ impl Metrics {
             conntrack_gc_orphans: Counter::default(),
             conntrack_gc_duration: seconds(),
             wildcards_over_capacity: Gauge::default(),
+            stale_sockets_destroyed: Family::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,6 +167,12 @@ impl Metrics {
                  come first",
                 metrics.wildcards_over_capacity.clone(),
             );
+            registry.register(
+                "ebpf_proxy_stale_sockets_destroyed",
+                "Connected sockets destroyed because their backend was removed (rule 30), by \
+                 protocol",
+                metrics.stale_sockets_destroyed.clone(),
+            );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
         }
@@ -215,6 +228,14 @@ impl Metrics {
         self.conntrack_gc_orphans.inc_by(report.orphans_removed);
         self.conntrack_gc_duration
             .observe(report.duration.as_secs_f64());
+    }
+
+    /// `destroyed` connected sockets of `protocol` ("tcp", "udp") pointed
+    /// at removed backends.
+    pub fn count_stale_sockets(&self, protocol: &'static str, destroyed: u64) {
+        self.stale_sockets_destroyed
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc_by(destroyed);
     }
 
     /// The Prometheus text exposition.
@@ -460,6 +481,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn stale_socket_counter_has_a_protocol_label() {
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"), SourceStatus::default());
+        metrics.count_stale_sockets("udp", 2);
+        metrics.count_stale_sockets("udp", 1);
+        let text = metrics.render().unwrap();
+        let line = "ebpf_proxy_stale_sockets_destroyed_total{protocol=\"udp\"} 3";
+        assert!(text.contains(line), "{line} missing from:\n{text}");
     }
 
     /// Every datapath counter, the packet datapath's included, under its
