@@ -142,6 +142,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         health,
         stale_sockets: StaleSocketTerminator::new(
             config.cgroup.clone(),
+            config.bpffs.clone(),
             config.destroy_tcp_sockets,
             metrics.clone(),
         ),

@@ -137,14 +137,14 @@ impl World {
         }
     }
 
-    /// A client on one connected UDP socket from a fixed port, one query
-    /// every 100 ms, connecting again after an error.
-    fn udp_stream(&self, port: u16) -> ClientProcess {
+    /// A client on one connected UDP socket from a fixed port to `to`,
+    /// one query every 100 ms, connecting again after an error.
+    fn udp_stream(&self, to: &str, port: u16) -> ClientProcess {
         let bind = format!("{CLIENT_IP}:{port}");
         ClientProcess::spawn(self.client.host().args([
             "udp",
             "--to",
-            FRONTEND,
+            to,
             "--bind",
             &bind,
             "--connect",
@@ -190,8 +190,15 @@ fn answered_by(line: &Value, backend: &str) -> bool {
 #[test]
 fn scenario_18_connected_udp_socket_is_aborted_and_reconnects_to_the_new_backend() {
     let world = World::new("sds18", &[]);
-    let stream = world.udp_stream(40018);
+    let stream = world.udp_stream(FRONTEND, 40018);
     read_until(&stream, "answer from web-1", |line| {
+        answered_by(line, "web-1")
+    });
+    // The same pod talking to web-1 by its address: not the proxy's
+    // socket, not touched.
+    let direct_to = format!("{}:5353", world.backend("web-1").ip());
+    let direct = world.udp_stream(&direct_to, 40020);
+    read_until(&direct, "direct answer from web-1", |line| {
         answered_by(line, "web-1")
     });
 
@@ -214,6 +221,11 @@ fn scenario_18_connected_udp_socket_is_aborted_and_reconnects_to_the_new_backend
         );
     }
     assert_eq!(world.destroyed("udp"), 1);
+    for line in direct.pending_lines().unwrap() {
+        assert!(answered_by(&line, "web-1"), "direct: {line}");
+    }
+    let line = direct.next_line(EVENT_TIMEOUT).unwrap();
+    assert!(answered_by(&line, "web-1"), "direct: {line}");
     assert!(
         world
             .cluster
@@ -249,7 +261,7 @@ fn tcp_socket_to_a_removed_backend_survives_without_the_flag() {
     let world = World::new("sdsu", &[]);
     let mut held = HeldConnection::tcp(world.client.host(), FRONTEND).unwrap();
     assert_eq!(held.backend(), "web-1");
-    let stream = world.udp_stream(40019);
+    let stream = world.udp_stream(FRONTEND, 40019);
     read_until(&stream, "answer from web-1", |line| {
         answered_by(line, "web-1")
     });

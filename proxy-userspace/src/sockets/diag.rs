@@ -83,10 +83,22 @@ struct Request {
     body: ReqV2,
 }
 
+/// A connected socket as the dump shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connected {
+    pub peer: SocketAddrV4,
+    /// The socket cookie (`bpf_get_socket_cookie` gives the same).
+    pub cookie: u64,
+}
+
 /// Destroys this namespace's `protocol` sockets connected to one of
-/// `peers`; how many it destroyed. A socket that closed meanwhile is not
-/// counted.
-pub fn destroy_connected_to(protocol: Protocol, peers: &BTreeSet<SocketAddrV4>) -> io::Result<u64> {
+/// `peers` that `stale` accepts; how many it destroyed. A socket that
+/// closed meanwhile is not counted.
+pub fn destroy_connected_to(
+    protocol: Protocol,
+    peers: &BTreeSet<SocketAddrV4>,
+    stale: &dyn Fn(&Connected) -> bool,
+) -> io::Result<u64> {
     let socket = DiagSocket::open()?;
     let states = match protocol {
         Protocol::Udp => 1 << ESTABLISHED,
@@ -96,7 +108,7 @@ pub fn destroy_connected_to(protocol: Protocol, peers: &BTreeSet<SocketAddrV4>) 
     let stale: Vec<SockId> = socket
         .dump(protocol_number(protocol), states)?
         .into_iter()
-        .filter(|id| peers.contains(&peer(id)))
+        .filter(|id| peers.contains(&peer(id)) && stale(&connected(id)))
         .collect();
     let mut destroyed = 0;
     for id in stale {
@@ -113,6 +125,13 @@ fn protocol_number(protocol: Protocol) -> u8 {
     match protocol {
         Protocol::Tcp => libc::IPPROTO_TCP as u8,
         Protocol::Udp => libc::IPPROTO_UDP as u8,
+    }
+}
+
+fn connected(id: &SockId) -> Connected {
+    Connected {
+        peer: peer(id),
+        cookie: u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32),
     }
 }
 
@@ -297,13 +316,20 @@ mod tests {
     }
 
     #[test]
-    fn peer_reads_network_byte_order() {
+    fn connected_reads_network_byte_order_and_the_split_cookie() {
         let id = SockId {
             dport: 5353u16.to_be(),
             dst: [u32::from(Ipv4Addr::new(10, 244, 1, 11)).to_be(), 0, 0, 0],
+            cookie: [0x8765_4321, 0x1],
             ..SockId::default()
         };
-        assert_eq!(peer(&id), "10.244.1.11:5353".parse().unwrap());
+        assert_eq!(
+            connected(&id),
+            Connected {
+                peer: "10.244.1.11:5353".parse().unwrap(),
+                cookie: 0x1_8765_4321,
+            }
+        );
     }
 
     #[test]

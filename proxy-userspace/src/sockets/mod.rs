@@ -5,7 +5,9 @@
 //! backends, the sockets still connected to them are destroyed: the
 //! application gets ECONNABORTED and connects again to a live backend.
 //! UDP always; TCP only when asked (established TCP otherwise keeps its
-//! backend until it closes, rule 29).
+//! backend until it closes, rule 29). Only sockets the programs translated
+//! go: those with an entry in the socket rev-NAT map (cookie + backend);
+//! a pod talking to a backend's address directly is left alone.
 //!
 //! Mechanism: sock_diag SOCK_DESTROY from userspace, in every network
 //! namespace the programs translate for. (A BPF socket iterator calling
@@ -22,9 +24,12 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use aya::maps::{HashMap, Map, MapData};
+use proxy_common::{SockRevNatKey, SockRevNatValue, map_names};
 
 use crate::{
+    maps::{codec, open_pinned},
     metrics::Metrics,
     model::{BackendAddr, Protocol},
 };
@@ -39,6 +44,8 @@ struct Inner {
     /// The agent's `--cgroup`: its subtree's processes are the pods whose
     /// sockets are translated.
     cgroup: PathBuf,
+    /// The agent's `--bpffs`: the socket rev-NAT map is read from there.
+    bpffs: PathBuf,
     /// Whether TCP sockets are destroyed too.
     tcp: bool,
     metrics: Metrics,
@@ -60,10 +67,11 @@ pub struct Terminated {
 }
 
 impl StaleSocketTerminator {
-    pub fn new(cgroup: PathBuf, tcp: bool, metrics: Metrics) -> Self {
+    pub fn new(cgroup: PathBuf, bpffs: PathBuf, tcp: bool, metrics: Metrics) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cgroup,
+                bpffs,
                 tcp,
                 metrics,
             }),
@@ -114,6 +122,12 @@ impl Inner {
     }
 
     fn run(&self, targets: &Targets) -> Result<Terminated> {
+        let rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue> =
+            open_pinned(&self.bpffs, map_names::SOCK_REV_NAT)
+                .map_err(anyhow::Error::from)
+                .and_then(|data| Ok(HashMap::try_from(Map::LruHashMap(data))?))
+                .context("opening the socket rev-NAT map")?;
+        let translated = |socket: &diag::Connected| rev_nat.get(&rev_nat_key(socket), 0).is_ok();
         let mut outcome = Terminated::default();
         for namespace in netns::translated_namespaces(&self.cgroup)? {
             outcome.namespaces += 1;
@@ -121,7 +135,8 @@ impl Inner {
                 targets
                     .iter()
                     .map(|(protocol, peers)| {
-                        diag::destroy_connected_to(*protocol, peers).map(|n| (*protocol, n))
+                        diag::destroy_connected_to(*protocol, peers, &translated)
+                            .map(|n| (*protocol, n))
                     })
                     .collect::<std::io::Result<Vec<_>>>()
             })
@@ -144,6 +159,16 @@ impl Inner {
             }
         }
         Ok(outcome)
+    }
+}
+
+/// The socket rev-NAT key `connect()` stored for a translated socket.
+fn rev_nat_key(socket: &diag::Connected) -> SockRevNatKey {
+    SockRevNatKey {
+        cookie: socket.cookie,
+        addr: codec::addr_to_map(*socket.peer.ip()),
+        port: codec::port_to_map(socket.peer.port()),
+        _pad0: 0,
     }
 }
 
@@ -196,6 +221,20 @@ mod tests {
         let both = targets(&removed, true);
         assert!(both[&Protocol::Tcp].contains(&"10.244.1.11:8080".parse().unwrap()));
         assert_eq!(describe(&both), "10.244.1.11:8080/Tcp,10.244.1.11:5353/Udp");
+    }
+
+    /// connect4 stores the backend as the backends map holds it.
+    #[test]
+    fn rev_nat_key_is_what_connect_stored() {
+        let stored = codec::backend(&backend(11, 5353, Protocol::Udp), false);
+        let key = rev_nat_key(&diag::Connected {
+            peer: "10.244.1.11:5353".parse().unwrap(),
+            cookie: 7,
+        });
+        assert_eq!(
+            (key.cookie, key.addr, key.port),
+            (7, stored.addr, stored.port)
+        );
     }
 
     #[test]
