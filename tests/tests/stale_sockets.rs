@@ -137,16 +137,15 @@ impl World {
         }
     }
 
-    /// A client on one connected UDP socket from a fixed port to `to`,
-    /// one query every 100 ms, connecting again after an error.
-    fn udp_stream(&self, to: &str, port: u16) -> ClientProcess {
-        let bind = format!("{CLIENT_IP}:{port}");
+    /// A client on one connected UDP socket from `bind` (a fixed port) to
+    /// `to`, one query every 100 ms, connecting again after an error.
+    fn udp_stream(&self, to: &str, bind: &str) -> ClientProcess {
         ClientProcess::spawn(self.client.host().args([
             "udp",
             "--to",
             to,
             "--bind",
-            &bind,
+            bind,
             "--connect",
             "--reconnect",
             "--count",
@@ -187,40 +186,59 @@ fn answered_by(line: &Value, backend: &str) -> bool {
     matches!(outcome(line), Outcome::Answered { backend: b, .. } if b == backend)
 }
 
+/// `addr` as an IPv4-mapped IPv6 address, for an AF_INET6 socket.
+fn mapped(addr: &str) -> String {
+    format!("[::ffff:{addr}]")
+}
+
 #[test]
 fn scenario_18_connected_udp_socket_is_aborted_and_reconnects_to_the_new_backend() {
     let world = World::new("sds18", &[]);
-    let stream = world.udp_stream(FRONTEND, 40018);
-    read_until(&stream, "answer from web-1", |line| {
-        answered_by(line, "web-1")
-    });
+    // An IPv4 socket, and an IPv6 one reaching the Service through
+    // IPv4-mapped addresses (rule 8's sockets of either family).
+    let v4 = (FRONTEND.to_string(), format!("{CLIENT_IP}:40018"));
+    let v6 = (
+        format!("{}:80", mapped(CLUSTER_IP)),
+        format!("{}:40021", mapped(CLIENT_IP)),
+    );
+    let streams: Vec<(ClientProcess, &(String, String))> = [&v4, &v6]
+        .into_iter()
+        .map(|client| (world.udp_stream(&client.0, &client.1), client))
+        .collect();
+    for (stream, _) in &streams {
+        read_until(stream, "answer from web-1", |line| {
+            answered_by(line, "web-1")
+        });
+    }
     // The same pod talking to web-1 by its address: not the proxy's
     // socket, not touched.
     let direct_to = format!("{}:5353", world.backend("web-1").ip());
-    let direct = world.udp_stream(&direct_to, 40020);
+    let direct = world.udp_stream(&direct_to, &format!("{CLIENT_IP}:40020"));
     read_until(&direct, "direct answer from web-1", |line| {
         answered_by(line, "web-1")
     });
 
     world.write_endpoints("web-2");
-    let (aborted, before) = read_until(&stream, "ECONNABORTED", |line| {
-        line["errno"].as_i64() == Some(ECONNABORTED)
-    });
-    for line in &before {
-        assert!(answered_by(line, "web-1"), "before the abort: {line}");
+    for (stream, (frontend, bind)) in &streams {
+        let (aborted, before) = read_until(stream, "ECONNABORTED", |line| {
+            line["errno"].as_i64() == Some(ECONNABORTED)
+        });
+        for line in &before {
+            assert!(answered_by(line, "web-1"), "before the abort: {line}");
+        }
+        assert!(aborted["reconnect_error"].is_null(), "{aborted}");
+        // The next answers come from web-2, to the same source port.
+        for _ in 0..5 {
+            let line = stream.next_line(EVENT_TIMEOUT).unwrap();
+            assert!(answered_by(&line, "web-2"), "after the abort: {line}");
+            assert_eq!(line["local"], *bind, "{line}");
+            assert_eq!(
+                line["from"], *frontend,
+                "the application sees the frontend: {line}"
+            );
+        }
     }
-    assert!(aborted["reconnect_error"].is_null(), "{aborted}");
-    // The next answers come from web-2, to the same source port.
-    for _ in 0..5 {
-        let line = stream.next_line(EVENT_TIMEOUT).unwrap();
-        assert!(answered_by(&line, "web-2"), "after the abort: {line}");
-        assert_eq!(line["local"], format!("{CLIENT_IP}:40018"), "{line}");
-        assert_eq!(
-            line["from"], FRONTEND,
-            "the application sees the frontend: {line}"
-        );
-    }
-    assert_eq!(world.destroyed("udp"), 1);
+    assert_eq!(world.destroyed("udp"), 2);
     for line in direct.pending_lines().unwrap() {
         assert!(answered_by(&line, "web-1"), "direct: {line}");
     }
@@ -261,7 +279,7 @@ fn tcp_socket_to_a_removed_backend_survives_without_the_flag() {
     let world = World::new("sdsu", &[]);
     let mut held = HeldConnection::tcp(world.client.host(), FRONTEND).unwrap();
     assert_eq!(held.backend(), "web-1");
-    let stream = world.udp_stream(FRONTEND, 40019);
+    let stream = world.udp_stream(FRONTEND, &format!("{CLIENT_IP}:40019"));
     read_until(&stream, "answer from web-1", |line| {
         answered_by(line, "web-1")
     });

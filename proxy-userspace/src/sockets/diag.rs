@@ -1,6 +1,7 @@
 //! sock_diag (NETLINK_SOCK_DIAG) in the calling thread's network
-//! namespace: dump the IPv4 sockets of one protocol, then SOCK_DESTROY
-//! those whose peer is a removed backend. The kernel aborts such a socket
+//! namespace: dump the sockets of one protocol, IPv4 ones and IPv6 ones
+//! (an IPv6 socket reaches an IPv4 Service through an IPv4-mapped
+//! address), then SOCK_DESTROY those whose peer is a removed backend. The kernel aborts such a socket
 //! with ECONNABORTED (a TCP one also sends a reset), so the application
 //! sees an error and connects again, through the translation, to a live
 //! backend.
@@ -23,6 +24,10 @@ const SOCK_DESTROY: u16 = 21;
 const ESTABLISHED: u32 = 1;
 const SYN_SENT: u32 = 2;
 const CLOSE_WAIT: u32 = 8;
+/// `::ffff:0:0/96`: the first three words of an IPv4-mapped address.
+const MAPPED_PREFIX: [u32; 3] = [0, 0, 0xffff_u32.to_be()];
+/// The families dumped: IPv6 for sockets with IPv4-mapped peers.
+const FAMILIES: [u8; 2] = [libc::AF_INET as u8, libc::AF_INET6 as u8];
 /// Room for one batch of a dump (the kernel fills up to a page at a time).
 const RECV_BUFFER: usize = 64 * 1024;
 
@@ -105,14 +110,22 @@ pub fn destroy_connected_to(
         // Listening and closing sockets have no flow left to move.
         Protocol::Tcp => (1 << ESTABLISHED) | (1 << SYN_SENT) | (1 << CLOSE_WAIT),
     };
-    let stale: Vec<SockId> = socket
-        .dump(protocol_number(protocol), states)?
-        .into_iter()
-        .filter(|id| peers.contains(&peer(id)) && stale(&connected(id)))
-        .collect();
+    let mut found = Vec::new();
+    for family in FAMILIES {
+        let sockets = socket.dump(family, protocol_number(protocol), states)?;
+        found.extend(
+            sockets
+                .into_iter()
+                .filter(|id| {
+                    connected(family, id)
+                        .is_some_and(|socket| peers.contains(&socket.peer) && stale(&socket))
+                })
+                .map(|id| (family, id)),
+        );
+    }
     let mut destroyed = 0;
-    for id in stale {
-        match socket.destroy(protocol_number(protocol), id) {
+    for (family, id) in found {
+        match socket.destroy(family, protocol_number(protocol), id) {
             Ok(()) => destroyed += 1,
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
             Err(err) => return Err(err),
@@ -128,18 +141,17 @@ fn protocol_number(protocol: Protocol) -> u8 {
     }
 }
 
-fn connected(id: &SockId) -> Connected {
-    Connected {
-        peer: peer(id),
+/// The socket's IPv4 peer; `None` for an IPv6 peer that is not IPv4-mapped.
+fn connected(family: u8, id: &SockId) -> Option<Connected> {
+    let addr = if family == libc::AF_INET6 as u8 {
+        (id.dst[..3] == MAPPED_PREFIX).then_some(id.dst[3])?
+    } else {
+        id.dst[0]
+    };
+    Some(Connected {
+        peer: SocketAddrV4::new(Ipv4Addr::from(addr.to_ne_bytes()), u16::from_be(id.dport)),
         cookie: u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32),
-    }
-}
-
-fn peer(id: &SockId) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(id.dst[0])),
-        u16::from_be(id.dport),
-    )
+    })
 }
 
 struct DiagSocket {
@@ -201,13 +213,13 @@ impl DiagSocket {
         Ok(received as usize)
     }
 
-    /// Every IPv4 socket of `protocol` in one of `states` (a bit mask).
-    fn dump(&self, protocol: u8, states: u32) -> io::Result<Vec<SockId>> {
+    /// Every `family` socket of `protocol` in one of `states` (a bit mask).
+    fn dump(&self, family: u8, protocol: u8, states: u32) -> io::Result<Vec<SockId>> {
         self.send(
             SOCK_DIAG_BY_FAMILY,
             libc::NLM_F_DUMP,
             ReqV2 {
-                family: libc::AF_INET as u8,
+                family,
                 protocol,
                 states,
                 ..ReqV2::default()
@@ -230,12 +242,12 @@ impl DiagSocket {
 
     /// SOCK_DESTROY of the one socket `id` names (addresses, ports,
     /// interface and cookie, as the dump gave them).
-    fn destroy(&self, protocol: u8, id: SockId) -> io::Result<()> {
+    fn destroy(&self, family: u8, protocol: u8, id: SockId) -> io::Result<()> {
         self.send(
             SOCK_DESTROY,
             libc::NLM_F_ACK,
             ReqV2 {
-                family: libc::AF_INET as u8,
+                family,
                 protocol,
                 states: u32::MAX,
                 id,
@@ -315,21 +327,43 @@ mod tests {
         assert_eq!(size_of::<DiagMsg>(), 72);
     }
 
+    fn word(addr: Ipv4Addr) -> u32 {
+        u32::from_ne_bytes(addr.octets())
+    }
+
     #[test]
     fn connected_reads_network_byte_order_and_the_split_cookie() {
+        let backend = Ipv4Addr::new(10, 244, 1, 11);
         let id = SockId {
             dport: 5353u16.to_be(),
-            dst: [u32::from(Ipv4Addr::new(10, 244, 1, 11)).to_be(), 0, 0, 0],
+            dst: [word(backend), 0, 0, 0],
             cookie: [0x8765_4321, 0x1],
             ..SockId::default()
         };
         assert_eq!(
-            connected(&id),
-            Connected {
+            connected(libc::AF_INET as u8, &id),
+            Some(Connected {
                 peer: "10.244.1.11:5353".parse().unwrap(),
                 cookie: 0x1_8765_4321,
-            }
+            })
         );
+    }
+
+    #[test]
+    fn ipv6_sockets_count_only_with_an_ipv4_mapped_peer() {
+        let backend = Ipv4Addr::new(10, 244, 1, 11);
+        let mapped = SockId {
+            dport: 5353u16.to_be(),
+            dst: [0, 0, 0xffff_u32.to_be(), word(backend)],
+            ..SockId::default()
+        };
+        let peer = connected(libc::AF_INET6 as u8, &mapped).map(|socket| socket.peer);
+        assert_eq!(peer, Some("10.244.1.11:5353".parse().unwrap()));
+        let v6 = SockId {
+            dst: [0x20010db8_u32.to_be(), 0, 0, word(backend)],
+            ..mapped
+        };
+        assert_eq!(connected(libc::AF_INET6 as u8, &v6), None);
     }
 
     #[test]
