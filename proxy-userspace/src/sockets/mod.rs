@@ -22,6 +22,7 @@ use std::{
     net::SocketAddrV4,
     path::PathBuf,
     sync::Arc,
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -93,6 +94,7 @@ impl StaleSocketTerminator {
 
 impl Inner {
     fn terminate(&self, targets: &Targets) {
+        let started = Instant::now();
         let outcome = match self.run(targets) {
             Ok(outcome) => outcome,
             Err(err) => {
@@ -115,6 +117,7 @@ impl Inner {
                 udp = outcome.udp,
                 tcp = outcome.tcp,
                 namespaces = outcome.namespaces,
+                took = ?started.elapsed(),
                 backends = %describe(targets),
                 "destroyed sockets connected to removed backends"
             );
