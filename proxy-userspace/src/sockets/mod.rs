@@ -56,15 +56,15 @@ struct Inner {
 type Targets = BTreeMap<Protocol, BTreeSet<SocketAddrV4>>;
 
 /// What one termination run did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Terminated {
-    pub udp: u64,
-    pub tcp: u64,
+#[derive(Debug, Default)]
+struct Terminated {
+    udp: u64,
+    tcp: u64,
     /// Namespaces visited.
-    pub namespaces: usize,
+    namespaces: usize,
     /// Namespaces where sock_diag failed, with the first failure.
-    pub failed: usize,
-    pub first_error: Option<String>,
+    failed: usize,
+    first_error: Option<String>,
 }
 
 impl StaleSocketTerminator {

@@ -472,7 +472,7 @@ fn udp_client(
                 // The pending socket error says why (an aborted socket
                 // fails send() with EDESTADDRREQ once disconnected).
                 let cause = s.take_error().ok().flatten().unwrap_or(e);
-                let reconnected = s.connect(to).err().map(|e| err_value(&e));
+                let reconnected = reconnect_udp(s, to).err().map(|e| err_value(&e));
                 let mut line = err_value(&cause);
                 line["reconnect_error"] = reconnected.unwrap_or(Value::Null);
                 line
@@ -482,6 +482,17 @@ fn udp_client(
         println!("{line}");
     }
     Ok(())
+}
+
+/// Connects `s` to `to` again and drops what the old association left
+/// queued (a reply that arrived as the socket was aborted), as a client
+/// matching replies to queries would.
+fn reconnect_udp(s: &UdpSocket, to: SocketAddr) -> io::Result<()> {
+    s.connect(to)?;
+    s.set_nonblocking(true)?;
+    let mut buf = [0u8; 65536];
+    while s.recv(&mut buf).is_ok() {}
+    s.set_nonblocking(false)
 }
 
 fn is_timeout(e: &io::Error) -> bool {
