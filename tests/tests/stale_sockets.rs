@@ -255,6 +255,33 @@ fn scenario_18_connected_udp_socket_is_aborted_and_reconnects_to_the_new_backend
     );
 }
 
+/// A backend removed while the agent was down: the first sync after the
+/// restart deletes it, and its sockets go then.
+#[test]
+fn udp_socket_to_a_backend_removed_while_the_agent_was_down_is_aborted_on_restart() {
+    let mut world = World::new("sdsr", &[]);
+    let stream = world.udp_stream(FRONTEND, &format!("{CLIENT_IP}:40022"));
+    read_until(&stream, "answer from web-1", |line| {
+        answered_by(line, "web-1")
+    });
+    world.cluster.node_mut(1).kill_agent();
+    world.write_endpoints("web-2");
+    // Nothing moves the socket while the agent is down: the pinned
+    // datapath keeps serving web-1.
+    for _ in 0..5 {
+        let line = stream.next_line(EVENT_TIMEOUT).unwrap();
+        assert!(answered_by(&line, "web-1"), "agent down: {line}");
+    }
+
+    world.cluster.node_mut(1).restart_agent().unwrap();
+    let (aborted, _) = read_until(&stream, "ECONNABORTED", |line| {
+        line["errno"].as_i64() == Some(ECONNABORTED)
+    });
+    assert!(aborted["reconnect_error"].is_null(), "{aborted}");
+    let line = stream.next_line(EVENT_TIMEOUT).unwrap();
+    assert!(answered_by(&line, "web-2"), "after the abort: {line}");
+}
+
 /// With the flag, a TCP connection to a removed backend is aborted; new
 /// connections go to the live one.
 #[test]

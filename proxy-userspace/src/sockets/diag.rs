@@ -128,6 +128,11 @@ pub fn destroy_connected_to(
         match socket.destroy(family, protocol_number(protocol), id) {
             Ok(()) => destroyed += 1,
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                return Err(io::Error::other(
+                    "the kernel cannot destroy sockets (CONFIG_INET_DIAG_DESTROY is off)",
+                ));
+            }
             Err(err) => return Err(err),
         }
     }
