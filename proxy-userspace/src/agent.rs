@@ -33,6 +33,7 @@ use crate::{
     },
     programs,
     reconciler::{Reconciler, SyncReport},
+    sockets::StaleSocketTerminator,
     source::{SourceStatus, kube::KubeSource, manifests::ManifestsSource},
 };
 
@@ -70,6 +71,9 @@ pub struct AgentConfig {
     pub resync_interval: Duration,
     /// What the programs log into the agent's log.
     pub datapath_log_level: programs::DatapathLogLevel,
+    /// Whether TCP sockets connected to a removed backend are destroyed
+    /// (UDP ones always are).
+    pub destroy_tcp_sockets: bool,
 }
 
 /// How soon a sync that failed part-way is tried again.
@@ -144,6 +148,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         planner: Planner::default(),
         reconciler,
         health,
+        stale_sockets: StaleSocketTerminator::new(
+            config.cgroup.clone(),
+            config.bpffs.clone(),
+            config.destroy_tcp_sockets,
+            metrics.clone(),
+        ),
         metrics,
         pending: None,
         waiting_since: None,
@@ -280,6 +290,8 @@ struct Programmer {
     reconciler: Reconciler<PinnedMaps>,
     health: Health,
     metrics: Metrics,
+    /// Destroys sockets connected to backends a sync removed (rule 30).
+    stale_sockets: StaleSocketTerminator,
     /// Planned but not programmed yet.
     pending: Option<PlanChange>,
     /// Since when a change waits to be programmed.
@@ -364,6 +376,7 @@ impl Programmer {
         );
         self.metrics.set_map_entries(&self.reconciler.entries());
         log_report(&report, desired.ports.len());
+        self.stale_sockets.after_sync(&report.removed_backends);
         if !report.is_complete() {
             return false;
         }

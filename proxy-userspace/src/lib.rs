@@ -21,4 +21,5 @@ pub mod metrics;
 pub mod model;
 pub mod programs;
 pub mod reconciler;
+pub mod sockets;
 pub mod source;

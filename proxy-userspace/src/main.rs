@@ -132,6 +132,12 @@ struct AgentArgs {
     /// The counters (`ebpf-proxy counters`) count every event regardless.
     #[arg(long, value_enum, default_value = "warn")]
     datapath_log_level: DatapathLogLevelArg,
+    /// Also destroy connected TCP sockets whose backend was removed, so
+    /// the application reconnects to a live one. Off: an established TCP
+    /// connection keeps its backend until it closes (rule 29). Connected
+    /// UDP sockets to a removed backend are always destroyed (rule 30).
+    #[arg(long)]
+    destroy_tcp_sockets_to_removed_backends: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -403,6 +409,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         maglev_table_size: args.maglev_table_size,
         resync_interval: args.resync_interval,
         datapath_log_level: args.datapath_log_level.into(),
+        destroy_tcp_sockets: args.destroy_tcp_sockets_to_removed_backends,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -498,6 +505,20 @@ mod tests {
             };
             assert_eq!(err.kind(), ErrorKind::ValueValidation, "{value}");
         }
+    }
+
+    #[test]
+    fn tcp_socket_termination_is_off_unless_asked() {
+        assert!(
+            !agent_args(&[])
+                .unwrap()
+                .destroy_tcp_sockets_to_removed_backends
+        );
+        assert!(
+            agent_args(&["--destroy-tcp-sockets-to-removed-backends"])
+                .unwrap()
+                .destroy_tcp_sockets_to_removed_backends
+        );
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub struct TrafficPolicyLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RemovalLabel {
     reason: &'static str,
 }
@@ -63,6 +68,7 @@ pub struct Metrics {
     wildcards_over_capacity: Gauge,
     map_entries: Family<MapLabel, Gauge>,
     map_capacity: Family<MapLabel, Gauge>,
+    stale_sockets_destroyed: Family<ProtocolLabel, Counter>,
 }
 
 impl Metrics {
@@ -86,6 +92,7 @@ impl Metrics {
             wildcards_over_capacity: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            stale_sockets_destroyed: Family::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -173,6 +180,12 @@ impl Metrics {
                 "Maximum entries of each datapath map",
                 metrics.map_capacity.clone(),
             );
+            registry.register(
+                "ebpf_proxy_stale_sockets_destroyed",
+                "Connected sockets destroyed because their backend was removed (rule 30), by \
+                 protocol",
+                metrics.stale_sockets_destroyed.clone(),
+            );
             registry.register_collector(Box::new(DatapathCollector { bpffs }));
             registry.register_collector(Box::new(SourceCollector { source }));
         }
@@ -251,6 +264,14 @@ impl Metrics {
         self.conntrack_gc_orphans.inc_by(report.orphans_removed);
         self.conntrack_gc_duration
             .observe(report.duration.as_secs_f64());
+    }
+
+    /// `destroyed` connected sockets of `protocol` ("tcp", "udp") pointed
+    /// at removed backends.
+    pub fn count_stale_sockets(&self, protocol: &'static str, destroyed: u64) {
+        self.stale_sockets_destroyed
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc_by(destroyed);
     }
 
     /// The Prometheus text exposition.
@@ -487,6 +508,16 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn stale_socket_counter_has_a_protocol_label() {
+        let metrics = Metrics::new(PathBuf::from("/nonexistent"), SourceStatus::default());
+        metrics.count_stale_sockets("udp", 2);
+        metrics.count_stale_sockets("udp", 1);
+        let text = metrics.render().unwrap();
+        let line = "ebpf_proxy_stale_sockets_destroyed_total{protocol=\"udp\"} 3";
+        assert!(text.contains(line), "{line} missing from:\n{text}");
     }
 
     /// Every datapath counter, the packet datapath's included, under its

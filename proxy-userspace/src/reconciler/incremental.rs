@@ -252,6 +252,9 @@ impl<D: Datapath> Reconciler<D> {
                     self.backends.remove(backend_id);
                     self.backend_ids.release(&backend);
                     report.backends_deleted += 1;
+                    report
+                        .removed_backends
+                        .extend(codec::backend_addr(&backend));
                 }
                 Err(err) => report.failed_deletes.push(err),
             }

@@ -73,6 +73,9 @@ pub struct SyncReport {
     pub frontends_deleted: usize,
     pub backends_added: usize,
     pub backends_deleted: usize,
+    /// The addresses of the deleted backends: sockets still connected to
+    /// them are stale (rule 30).
+    pub removed_backends: Vec<BackendAddr>,
     pub rev_nats_written: usize,
     pub rev_nats_deleted: usize,
     pub source_ranges_written: usize,
@@ -148,6 +151,7 @@ impl SyncReport {
             frontends_deleted: self.frontends_deleted + next.frontends_deleted,
             backends_added: self.backends_added + next.backends_added,
             backends_deleted: self.backends_deleted + next.backends_deleted,
+            removed_backends: [self.removed_backends, next.removed_backends].concat(),
             rev_nats_written: self.rev_nats_written + next.rev_nats_written,
             rev_nats_deleted: self.rev_nats_deleted + next.rev_nats_deleted,
             source_ranges_written: self.source_ranges_written + next.source_ranges_written,
@@ -1026,8 +1030,11 @@ impl<D: Datapath> Reconciler<D> {
         for id in gone_backends {
             match self.datapath.delete_backend(id) {
                 Ok(()) => {
-                    self.backends.remove(&id);
+                    let removed = self.backends.remove(&id);
                     report.backends_deleted += 1;
+                    report
+                        .removed_backends
+                        .extend(removed.as_ref().and_then(codec::backend_addr));
                 }
                 Err(err) => report.failed_deletes.push(err),
             }

@@ -240,6 +240,26 @@ fn shrinking_lowers_the_count_before_deleting_slots() {
     assert_consistent_at_every_write(&before, &datapath.writes[writes_before..]);
 }
 
+/// Rule 30: the terminator learns which addresses lost their backend
+/// entry; a backend another service still uses is not among them.
+#[test]
+fn removed_backends_name_the_deleted_addresses_only() {
+    let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
+    reconciler.sync(&desired(&[
+        ("web", plan(10, &[11, 12, 13], None)),
+        ("api", plan(20, &[12], None)),
+    ]));
+    let report = reconciler.sync(&desired(&[
+        ("web", plan(10, &[11], None)),
+        ("api", plan(20, &[12], None)),
+    ]));
+    assert_eq!(report.removed_backends, vec![backend(13)]);
+    let report = reconciler.sync(&desired(&[("web", plan(10, &[11], None))]));
+    assert_eq!(report.removed_backends, vec![backend(12)]);
+    let unchanged = reconciler.sync(&desired(&[("web", plan(10, &[11], None))]));
+    assert!(unchanged.removed_backends.is_empty());
+}
+
 #[test]
 fn growing_writes_new_slots_before_the_count() {
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();

@@ -80,6 +80,11 @@ enum Cmd {
         bind: Option<SocketAddr>,
         #[arg(long)]
         connect: bool,
+        /// With --connect: after a query fails other than by a timeout,
+        /// connect the same socket (same source port) again, as an
+        /// application does when its socket is aborted.
+        #[arg(long, requires = "connect")]
+        reconnect: bool,
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
         /// Pause between queries.
@@ -184,13 +189,14 @@ fn main() -> Result<()> {
             count,
             bind,
             connect,
+            reconnect,
             timeout_ms,
             interval_ms,
         } => udp_client(
             to,
             count,
             bind,
-            connect,
+            UdpMode { connect, reconnect },
             Duration::from_millis(timeout_ms),
             interval_ms,
         ),
@@ -419,11 +425,16 @@ fn tcp_session(to: SocketAddr, bind: Option<SocketAddr>, timeout: Duration) {
     let _ = s.shutdown(std::net::Shutdown::Both);
 }
 
+struct UdpMode {
+    connect: bool,
+    reconnect: bool,
+}
+
 fn udp_client(
     to: SocketAddr,
     count: u32,
     bind: Option<SocketAddr>,
-    connect: bool,
+    UdpMode { connect, reconnect }: UdpMode,
     timeout: Duration,
     interval_ms: u64,
 ) -> Result<()> {
@@ -455,9 +466,40 @@ fn udp_client(
             let reply = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
             Ok(json!({"ok": true, "reply": reply, "from": from.to_string(), "local": s.local_addr()?.to_string()}))
         });
-        println!("{}", result.unwrap_or_else(|e| err_value(&e)));
+        let line = match (result, &sock) {
+            (Ok(line), _) => line,
+            (Err(e), Ok(s)) if reconnect && !is_timeout(&e) => {
+                // The pending socket error says why (an aborted socket
+                // fails send() with EDESTADDRREQ once disconnected).
+                let cause = s.take_error().ok().flatten().unwrap_or(e);
+                let reconnected = reconnect_udp(s, to).err().map(|e| err_value(&e));
+                let mut line = err_value(&cause);
+                line["reconnect_error"] = reconnected.unwrap_or(Value::Null);
+                line
+            }
+            (Err(e), _) => err_value(&e),
+        };
+        println!("{line}");
     }
     Ok(())
+}
+
+/// Connects `s` to `to` again and drops what the old association left
+/// queued (a reply that arrived as the socket was aborted), as a client
+/// matching replies to queries would.
+fn reconnect_udp(s: &UdpSocket, to: SocketAddr) -> io::Result<()> {
+    s.connect(to)?;
+    s.set_nonblocking(true)?;
+    let mut buf = [0u8; 65536];
+    while s.recv(&mut buf).is_ok() {}
+    s.set_nonblocking(false)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn clone_err(e: &io::Error) -> io::Error {
