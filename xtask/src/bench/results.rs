@@ -107,6 +107,19 @@ pub fn render_goals(s: &mut String, r: &Value) {
         }),
         |ms| ms <= 10.0,
     );
+    let kube_100k = r["control_plane_kube"]
+        .as_array()
+        .and_then(|runs| runs.iter().find(|c| c["services"] == 100_000))
+        .cloned()
+        .unwrap_or(Value::Null);
+    goal(
+        s,
+        "agent RSS <= 256 MiB at 100k x 1 (from the API server)",
+        kube_100k["rss_kib"]
+            .as_f64()
+            .map(|kib| (kib / 1024.0, format!("{:.1} MiB", kib / 1024.0))),
+        |mib| mib <= 256.0,
+    );
     goal(
         s,
         "agent RSS <= 64 MiB at 10k Services (from the API server)",
