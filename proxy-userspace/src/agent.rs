@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::mpsc,
 };
 
 use crate::{
@@ -27,14 +27,14 @@ use crate::{
     maps::PinnedMaps,
     metrics::{self, Metrics},
     model::{
-        ClusterSnapshot, DesiredState, HealthCheck, NodePortAddresses, PlanChange, Planner,
+        Changes, DesiredState, HealthCheck, NodePortAddresses, PlanChange, Planner,
         desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
         maglev::TableSize,
     },
     programs,
     reconciler::{Reconciler, SyncReport},
     sockets::StaleSocketTerminator,
-    source::{SourceStatus, kube::KubeSource, manifests::ManifestsSource},
+    source::{SourceStatus, SourceUpdate, kube::KubeSource, manifests::ManifestsSource},
 };
 
 /// Where the cluster state comes from.
@@ -82,7 +82,7 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(config: AgentConfig) -> Result<()> {
     // An older kernel would load the programs and fail them at run time.
     let kernel = host::kernel::check()?;
-    let (snapshots, mut updates) = watch::channel(None);
+    let (published, mut updates) = mpsc::unbounded_channel();
     let status = SourceStatus::default();
     // Everything that can fail on bad flags fails before the datapath changes.
     let mut source = match &config.source {
@@ -91,12 +91,12 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 bail!("--manifests {} is not a directory", dir.display());
             }
             let source = ManifestsSource::new(dir, &config.node_name);
-            tokio::spawn(source.run(snapshots, status.clone(), *poll_interval))
+            tokio::spawn(source.run(published, status.clone(), *poll_interval))
         }
         SourceConfig::Kubernetes { kubeconfig } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             let source = KubeSource::new(client, &config.node_name);
-            tokio::spawn(source.run(snapshots, status.clone()))
+            tokio::spawn(source.run(published, status.clone()))
         }
     };
     let metrics = Metrics::new(config.bpffs.clone(), status.clone());
@@ -138,8 +138,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     let mut conntrack_gc = tokio::spawn(collect_conntrack(config.bpffs.clone(), metrics.clone()));
     let mut sync = SyncLoop {
         health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
-        nodeport_addresses: config.nodeport_addresses.clone(),
-        last_snapshot: None,
+        planned: false,
     };
     if !datapath.migrating() {
         metrics.set_datapath_fill(&metrics::map_capacities(&config.bpffs));
@@ -155,6 +154,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             metrics.clone(),
         ),
         metrics,
+        nodeport_addresses: config.nodeport_addresses.clone(),
         pending: None,
         waiting_since: None,
     };
@@ -168,14 +168,19 @@ pub async fn run(config: AgentConfig) -> Result<()> {
 
     loop {
         let work = tokio::select! {
-            changed = updates.changed() => {
-                if changed.is_err() {
+            update = updates.recv() => {
+                let Some(first) = update else {
                     bail!("the source stopped");
+                };
+                // A burst is planned in one step.
+                let mut batch = vec![first];
+                while let Ok(next) = updates.try_recv() {
+                    batch.push(next);
                 }
-                let snapshot = updates.borrow_and_update().clone();
-                match snapshot {
-                    Some(snapshot) => Work::Plan(sync.complete(snapshot)),
-                    None => continue,
+                sync.planned = true;
+                Work::Plan {
+                    updates: batch,
+                    local_addresses: node_addresses.borrow().clone(),
                 }
             }
             _ = tokio::time::sleep(RETRY_INTERVAL), if unsettled => Work::Retry,
@@ -184,9 +189,18 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                     bail!("the node address watch stopped");
                 }
                 let now = node_addresses.borrow_and_update().clone();
-                match sync.addresses_changed(now) {
-                    Some(snapshot) => Work::Plan(snapshot),
-                    None => continue,
+                // Before the first update there is nothing to replan: the
+                // first snapshot is completed with the addresses then.
+                if !sync.planned {
+                    continue;
+                }
+                tracing::info!(now = ?now, "node addresses changed; replanning NodePorts");
+                Work::Plan {
+                    updates: vec![SourceUpdate::Changes(Changes {
+                        local_addresses: Some(now.clone()),
+                        ..Changes::default()
+                    })],
+                    local_addresses: now,
                 }
             }
             _ = resync.tick() => Work::Resync,
@@ -230,44 +244,21 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// What the async loop keeps between snapshots.
+/// What the async loop keeps between steps.
 struct SyncLoop {
     health_checks: HealthCheckServers,
-    nodeport_addresses: NodePortAddresses,
-    /// The last snapshot planned, completed with this host's facts.
-    last_snapshot: Option<ClusterSnapshot>,
-}
-
-impl SyncLoop {
-    /// Completes a source's snapshot with this host's facts.
-    fn complete(&mut self, mut snapshot: ClusterSnapshot) -> ClusterSnapshot {
-        snapshot.nodeport_addresses = self.nodeport_addresses.clone();
-        snapshot.local_addresses = local_addresses();
-        self.last_snapshot = Some(snapshot.clone());
-        snapshot
-    }
-
-    /// The last snapshot again when the node's addresses are no longer
-    /// those it was planned on.
-    fn addresses_changed(&mut self, now: Vec<Ipv4Addr>) -> Option<ClusterSnapshot> {
-        let last = self.last_snapshot.as_mut()?;
-        if now == last.local_addresses {
-            return None;
-        }
-        tracing::info!(
-            before = ?last.local_addresses,
-            now = ?now,
-            "node addresses changed; replanning NodePorts"
-        );
-        last.local_addresses = now;
-        Some(last.clone())
-    }
+    /// Whether the source published anything yet.
+    planned: bool,
 }
 
 /// One step of the programmer.
 enum Work {
-    /// A new snapshot: plan what it changed, then program it.
-    Plan(ClusterSnapshot),
+    /// The source's updates: plan what they changed, then program it. A
+    /// snapshot is completed with this host's addresses.
+    Plan {
+        updates: Vec<SourceUpdate>,
+        local_addresses: Vec<Ipv4Addr>,
+    },
     /// Program again what a sync left undone.
     Retry,
     /// Read the maps back and program everything again, putting back what
@@ -292,6 +283,8 @@ struct Programmer {
     metrics: Metrics,
     /// Destroys sockets connected to backends a sync removed (rule 30).
     stale_sockets: StaleSocketTerminator,
+    /// `--nodeport-addresses`, completing every snapshot.
+    nodeport_addresses: NodePortAddresses,
     /// Planned but not programmed yet.
     pending: Option<PlanChange>,
     /// Since when a change waits to be programmed.
@@ -302,14 +295,20 @@ impl Programmer {
     fn run(&mut self, work: Work) -> Outcome {
         let mut health_checks = None;
         match work {
-            Work::Plan(snapshot) => {
-                let change = self.plan(snapshot);
+            Work::Plan {
+                updates,
+                local_addresses,
+            } => {
+                let change = self.plan(updates, local_addresses);
                 if change.health_checks {
                     health_checks = Some(self.planner.desired().health_checks.clone());
                 }
                 self.pend(change);
             }
             Work::Retry => {}
+            // Nothing planned yet: the maps keep what they hold (a restart
+            // before the source answers must not empty them).
+            Work::Resync if self.planner.snapshot().is_none() => {}
             Work::Resync => match self.reconciler.reread() {
                 Ok(()) => self.pend(PlanChange {
                     everything: true,
@@ -327,18 +326,30 @@ impl Programmer {
         }
     }
 
-    /// Plans what `snapshot` changed, counting it.
-    fn plan(&mut self, snapshot: ClusterSnapshot) -> PlanChange {
+    /// Plans what `updates` changed, counting it.
+    fn plan(&mut self, updates: Vec<SourceUpdate>, local_addresses: Vec<Ipv4Addr>) -> PlanChange {
+        let arrived = Instant::now();
+        let mut change = PlanChange::default();
+        for update in updates {
+            change.merge(match update {
+                SourceUpdate::Snapshot(mut snapshot) => {
+                    snapshot.nodeport_addresses = self.nodeport_addresses.clone();
+                    snapshot.local_addresses = local_addresses.clone();
+                    self.planner.apply(snapshot)
+                }
+                SourceUpdate::Changes(changes) => self.planner.apply_changes(changes),
+            });
+        }
+        let node = self.planner.snapshot().and_then(|s| s.node.as_ref());
         self.health
-            .node_deleting(snapshot.node.as_ref().is_some_and(|node| node.deleting));
-        let change = self.planner.apply(snapshot);
+            .node_deleting(node.is_some_and(|node| node.deleting));
         self.metrics
             .count_changes(change.services_changed, change.slices_changed);
         if change.is_empty() {
             return change;
         }
         self.health.change_pending();
-        self.waiting_since.get_or_insert_with(Instant::now);
+        self.waiting_since.get_or_insert(arrived);
         let desired = self.planner.desired();
         for conflict in &desired.conflicts {
             tracing::warn!(
@@ -380,12 +391,27 @@ impl Programmer {
         if !report.is_complete() {
             return false;
         }
+        let everything = change.everything;
         self.pending = None;
         self.health.synced();
         if let Some(since) = self.waiting_since.take() {
             self.metrics.observe_programmed(since.elapsed());
         }
+        if everything {
+            release_freed_memory();
+        }
         true
+    }
+}
+
+/// A full plan and sync (the first, a relist, a resync) frees far more
+/// than it keeps; glibc holds on to freed pages in its arenas unless asked
+/// to give them back, and the agent's resident size would stay at its peak.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -471,13 +497,6 @@ fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
         count(&|frontend| frontend.kind == FrontendKind::ClusterIp && dropping(&frontend.internal)),
         count(&|frontend| frontend.external.as_ref().is_some_and(dropping)),
     )
-}
-
-/// This namespace's interface addresses: NodePort candidates.
-fn local_addresses() -> Vec<Ipv4Addr> {
-    host::interface_addresses()
-        .inspect_err(|err| tracing::warn!(error = %err, "cannot list interface addresses"))
-        .unwrap_or_default()
 }
 
 async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {

@@ -29,7 +29,7 @@ pub use desired::{
     ServicePortName, ServicePortPlan, WhenEmpty, desired_state,
 };
 pub use objects::{NodeInfo, ObjectKey, Protocol, ServiceInfo, ServiceType, SliceInfo};
-pub use planner::{PlanChange, Planner};
+pub use planner::{Changes, PlanChange, Planner};
 
 /// Everything a source knows, already validated: the input of
 /// [`desired_state`]. Sources (manifests, Kubernetes watches) build it; the

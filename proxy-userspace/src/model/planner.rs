@@ -14,8 +14,8 @@ use std::{
 };
 
 use super::{
-    ClusterSnapshot, DesiredState, Frontend, HealthCheck, ObjectKey, ServicePortName,
-    ServicePortPlan,
+    ClusterSnapshot, DesiredState, Frontend, FrontendPlan, HealthCheck, NodeInfo,
+    NodePortAddresses, ObjectKey, ServiceInfo, ServicePortName, ServicePortPlan, SliceInfo,
     desired::{FrontendConflict, NodeView, service_plan},
 };
 
@@ -59,13 +59,18 @@ pub struct Planner {
     last: Option<ClusterSnapshot>,
     node: NodeView,
     /// Slices by the Service they name (rule 5).
-    slices_of: BTreeMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// (Sorted vectors: most hold one entry, and a set's node would cost
+    /// ten times that.)
+    slices_of: BTreeMap<ObjectKey, Vec<ObjectKey>>,
     /// The service ports each Service planned.
     ports_of: BTreeMap<ObjectKey, Vec<ServicePortName>>,
-    /// Each service port's plan before frontend conflicts are settled.
+    /// The plan before frontend conflicts were settled, of each service
+    /// port that lost a frontend to another (for the others, it is the
+    /// desired one).
     unsettled: BTreeMap<ServicePortName, ServicePortPlan>,
-    /// The service ports that claim each frontend; the first keeps it.
-    claims: BTreeMap<Frontend, BTreeSet<ServicePortName>>,
+    /// The service ports that claim each frontend, sorted; the first keeps
+    /// it.
+    claims: BTreeMap<Frontend, Vec<ServicePortName>>,
     /// Frontends claimed more than once.
     contested: BTreeSet<Frontend>,
     /// How many Services use each ClusterIP.
@@ -79,48 +84,88 @@ impl Planner {
         &self.desired
     }
 
-    /// Brings the desired state to `snapshot`'s.
+    /// The snapshot the desired state was planned from.
+    pub fn snapshot(&self) -> Option<&ClusterSnapshot> {
+        self.last.as_ref()
+    }
+
+    /// Brings the desired state to `snapshot`'s: finds what differs from
+    /// the last one (a walk of both), then plans that.
     pub fn apply(&mut self, snapshot: ClusterSnapshot) -> PlanChange {
-        let node = NodeView::of(&snapshot);
+        let changes = match &self.last {
+            Some(last) => Changes::between(last, snapshot),
+            None => Changes::everything_in(snapshot),
+        };
+        self.apply_changes(changes)
+    }
+
+    /// Applies `changes` to the last snapshot and plans what they touch:
+    /// no walk of what did not change.
+    pub fn apply_changes(&mut self, changes: Changes) -> PlanChange {
         let mut change = PlanChange::default();
         let first = self.last.is_none();
-        let previous = self.last.take().unwrap_or_default();
-        let mut services = changed_keys(&previous.services, &snapshot.services);
-        change.services_changed = services.len() as u64;
-        let slices = changed_keys(&previous.slices, &snapshot.slices);
-        change.slices_changed = slices.len() as u64;
-        for key in &slices {
-            for slice in [previous.slices.get(key), snapshot.slices.get(key)]
-                .into_iter()
-                .flatten()
-            {
-                let service = slice.service_key();
-                services.insert(service.clone());
-                self.slices_of
-                    .entry(service)
-                    .or_default()
-                    .remove(&slice.key);
-            }
-            if let Some(slice) = snapshot.slices.get(key) {
-                self.slices_of
-                    .entry(slice.service_key())
-                    .or_default()
-                    .insert(key.clone());
+        let mut snapshot = self.last.take().unwrap_or_default();
+        // The value each changed Service had before (first change wins).
+        let mut before: BTreeMap<ObjectKey, Option<Arc<ServiceInfo>>> = BTreeMap::new();
+        for (key, new) in changes.services {
+            let old = put(&mut snapshot.services, key.clone(), new.clone());
+            if !same(&old, &new) {
+                before.entry(key).or_insert(old);
             }
         }
-        self.slices_of.retain(|_, slices| !slices.is_empty());
+        change.services_changed = before.len() as u64;
+        let mut services: BTreeSet<ObjectKey> = before.keys().cloned().collect();
+        for (key, new) in changes.slices {
+            let old = put(&mut snapshot.slices, key.clone(), new.clone());
+            if same(&old, &new) {
+                continue;
+            }
+            change.slices_changed += 1;
+            if let Some(old) = old {
+                let service = old.service_key();
+                if let Some(slices) = self.slices_of.get_mut(&service) {
+                    if let Ok(at) = slices.binary_search(&key) {
+                        slices.remove(at);
+                    }
+                    if slices.is_empty() {
+                        self.slices_of.remove(&service);
+                    }
+                }
+                services.insert(service);
+            }
+            if let Some(new) = new {
+                let service = new.service_key();
+                let slices = self.slices_of.entry(service.clone()).or_default();
+                if let Err(at) = slices.binary_search(&key) {
+                    slices.insert(at, key);
+                }
+                services.insert(service);
+            }
+        }
+        if let Some(node_name) = changes.node_name {
+            snapshot.node_name = node_name;
+        }
+        if let Some(node) = changes.node {
+            snapshot.node = node;
+        }
+        if let Some(addresses) = changes.local_addresses {
+            snapshot.local_addresses = addresses;
+        }
+        if let Some(nodeport_addresses) = changes.nodeport_addresses {
+            snapshot.nodeport_addresses = nodeport_addresses;
+        }
+        let node = NodeView::of(&snapshot);
         if first || node != self.node {
             change.everything = true;
-            services = previous
-                .services
-                .keys()
-                .chain(snapshot.services.keys())
-                .cloned()
-                .collect();
+            services.extend(snapshot.services.keys().cloned());
             self.node = node;
         }
         for key in &services {
-            self.replan(key, &previous, &snapshot, &mut change);
+            let old = match before.get(key) {
+                Some(old) => old.as_deref(),
+                None => snapshot.services.get(key).map(Arc::as_ref),
+            };
+            self.replan(key, old, &snapshot, &mut change);
         }
         self.settle(&mut change);
         self.last = Some(snapshot);
@@ -131,19 +176,24 @@ impl Planner {
     fn replan(
         &mut self,
         key: &ObjectKey,
-        previous: &ClusterSnapshot,
+        old: Option<&ServiceInfo>,
         snapshot: &ClusterSnapshot,
         change: &mut PlanChange,
     ) {
         for name in self.ports_of.remove(key).unwrap_or_default() {
-            if let Some(plan) = self.unsettled.remove(&name) {
-                for frontend_plan in &plan.frontends {
-                    self.unclaim(frontend_plan.frontend, &name, change);
-                }
+            let claimed: Vec<Frontend> = self
+                .unsettled
+                .remove(&name)
+                .as_ref()
+                .or_else(|| self.desired.ports.get(&name))
+                .map(|plan| plan.frontends.iter().map(|f| f.frontend).collect())
+                .unwrap_or_default();
+            for frontend in claimed {
+                self.unclaim(frontend, &name, change);
             }
             change.ports.insert(name);
         }
-        let old_cluster_ip = previous.services.get(key).map(|old| old.cluster_ip);
+        let old_cluster_ip = old.map(|old| old.cluster_ip);
         let new_cluster_ip = snapshot.services.get(key).map(|new| new.cluster_ip);
         if old_cluster_ip != new_cluster_ip {
             if let Some(old) = old_cluster_ip {
@@ -204,7 +254,9 @@ impl Planner {
     /// touched (the first may change).
     fn claim(&mut self, frontend: Frontend, name: &ServicePortName, change: &mut PlanChange) {
         let claimants = self.claims.entry(frontend).or_default();
-        claimants.insert(name.clone());
+        if let Err(at) = claimants.binary_search(name) {
+            claimants.insert(at, name.clone());
+        }
         if claimants.len() > 1 {
             self.contested.insert(frontend);
             change.ports.extend(claimants.iter().cloned());
@@ -215,7 +267,9 @@ impl Planner {
         let Some(claimants) = self.claims.get_mut(&frontend) else {
             return;
         };
-        claimants.remove(name);
+        if let Ok(at) = claimants.binary_search(name) {
+            claimants.remove(at);
+        }
         change.ports.extend(claimants.iter().cloned());
         match claimants.len() {
             0 => {
@@ -234,11 +288,27 @@ impl Planner {
     fn settle(&mut self, change: &mut PlanChange) {
         let touched = std::mem::take(&mut change.ports);
         for name in touched {
-            let settled = self.unsettled.get(&name).map(|plan| {
+            // A replanned port's plan waits in `unsettled`; another touched
+            // one (a frontend's claimants changed) has its desired plan.
+            let planned = self.unsettled.remove(&name);
+            let exists = self
+                .ports_of
+                .get(&name.service)
+                .is_some_and(|names| names.contains(&name));
+            let plan = match planned {
+                Some(plan) if exists => Some(plan),
+                _ if exists => self.desired.ports.get(&name).cloned(),
+                _ => None,
+            };
+            let settled = plan.map(|plan| {
+                let keeps =
+                    |frontend_plan: &FrontendPlan| self.keeps(&frontend_plan.frontend, &name);
+                if plan.frontends.iter().all(keeps) {
+                    return plan;
+                }
                 let mut settled = plan.clone();
-                settled
-                    .frontends
-                    .retain(|frontend_plan| self.keeps(&frontend_plan.frontend, &name));
+                settled.frontends.retain(keeps);
+                self.unsettled.insert(name.clone(), plan);
                 settled
             });
             if self.desired.ports.get(&name) == settled.as_ref() {
@@ -284,21 +354,84 @@ impl Planner {
     }
 }
 
-/// Keys added, removed or whose object differs; an object shared with the
-/// previous snapshot is not compared.
-fn changed_keys<T: PartialEq>(
+/// What changed in a source's view of the cluster: each object added,
+/// changed (`Some`) or removed (`None`), and this node's facts when they
+/// changed. A source watching the API server sends these; a full snapshot
+/// becomes one by [`Changes::between`].
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub services: Vec<(ObjectKey, Option<Arc<ServiceInfo>>)>,
+    pub slices: Vec<(ObjectKey, Option<Arc<SliceInfo>>)>,
+    pub node_name: Option<String>,
+    /// This node's object (`Some(None)`: gone).
+    pub node: Option<Option<NodeInfo>>,
+    pub local_addresses: Option<Vec<Ipv4Addr>>,
+    pub nodeport_addresses: Option<NodePortAddresses>,
+}
+
+impl Changes {
+    /// Everything in `snapshot`, as changes to an empty one.
+    pub fn everything_in(snapshot: ClusterSnapshot) -> Self {
+        Self::between(&ClusterSnapshot::default(), snapshot)
+    }
+
+    /// What turns `before` into `after`; objects `after` shares with
+    /// `before` are not compared.
+    pub fn between(before: &ClusterSnapshot, after: ClusterSnapshot) -> Self {
+        Self {
+            services: differing(&before.services, &after.services),
+            slices: differing(&before.slices, &after.slices),
+            node_name: (before.node_name != after.node_name).then_some(after.node_name),
+            node: (before.node != after.node).then_some(after.node),
+            local_addresses: (before.local_addresses != after.local_addresses)
+                .then_some(after.local_addresses),
+            nodeport_addresses: (before.nodeport_addresses != after.nodeport_addresses)
+                .then_some(after.nodeport_addresses),
+        }
+    }
+}
+
+/// Objects added, removed or whose value differs, with their new value.
+fn differing<T: PartialEq>(
     before: &BTreeMap<ObjectKey, Arc<T>>,
     after: &BTreeMap<ObjectKey, Arc<T>>,
-) -> BTreeSet<ObjectKey> {
-    let differs = |a: &Arc<T>, b: &Arc<T>| !Arc::ptr_eq(a, b) && a != b;
-    let changed_or_removed = before
+) -> Vec<(ObjectKey, Option<Arc<T>>)> {
+    let changed_or_removed = before.iter().filter_map(|(key, old)| match after.get(key) {
+        Some(new) if equal(old, new) => None,
+        new => Some((key.clone(), new.cloned())),
+    });
+    let added = after
         .iter()
-        .filter(|(key, old)| after.get(*key).is_none_or(|new| differs(old, new)));
-    let added = after.iter().filter(|(key, _)| !before.contains_key(*key));
-    changed_or_removed
-        .chain(added)
-        .map(|(key, _)| key.clone())
-        .collect()
+        .filter(|(key, _)| !before.contains_key(*key))
+        .map(|(key, new)| (key.clone(), Some(new.clone())));
+    changed_or_removed.chain(added).collect()
+}
+
+/// Whether two versions of an object are equal; one allocation shared by
+/// both is not compared.
+fn equal<T: PartialEq>(a: &Arc<T>, b: &Arc<T>) -> bool {
+    Arc::ptr_eq(a, b) || a == b
+}
+
+/// [`equal`], where `None` is an absent object.
+fn same<T: PartialEq>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => equal(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+/// Puts `value` under `key` (`None`: removes it); the value it replaced.
+fn put<T>(
+    map: &mut BTreeMap<ObjectKey, Arc<T>>,
+    key: ObjectKey,
+    value: Option<Arc<T>>,
+) -> Option<Arc<T>> {
+    match value {
+        Some(value) => map.insert(key, value),
+        None => map.remove(&key),
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,10 @@
 //! Objects are validated as they arrive and kept only in validated form.
 //! A (re)list is collected aside and swapped in whole at its end, so a
 //! relist is a full resync that also removes what vanished, and nothing is
-//! published before both initial lists are complete (rule 3). An object
+//! published before both initial lists are complete (rule 3). The first
+//! complete view and every relist are published whole; after that only
+//! the objects a batch of events touched, so a change costs what it
+//! changes also on its way to the planner. An object
 //! that fails validation keeps its last good version and is reported once
 //! per resourceVersion.
 
@@ -15,6 +18,11 @@ use std::{
     sync::Arc,
 };
 
+use super::{SourceStatus, SourceUpdate, UpdateSender};
+use crate::model::{
+    Changes, ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
+    objects::{self, Admission, InvalidObject},
+};
 use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -24,13 +32,6 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
     runtime::{WatchStreamExt, watcher},
-};
-use tokio::sync::watch;
-
-use super::SourceStatus;
-use crate::model::{
-    ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
-    objects::{self, Admission, InvalidObject},
 };
 
 /// How often a failing watch's resource is probed for recovery.
@@ -81,6 +82,8 @@ pub struct KubeSource {
     services: Store<ServiceInfo>,
     slices: Store<SliceInfo>,
     nodes: Store<NodeInfo>,
+    /// Whether the first complete view went out.
+    published: bool,
 }
 
 impl KubeSource {
@@ -91,6 +94,7 @@ impl KubeSource {
             services: Store::new("Service", "services"),
             slices: Store::new("EndpointSlice", "endpointslices"),
             nodes: Store::new("Node", "nodes"),
+            published: false,
         }
     }
 
@@ -111,13 +115,10 @@ impl KubeSource {
     }
 
     /// Watches forever. Publishes a snapshot once every initial list is in,
-    /// then after each batch of changes; reports watch failures (which the
-    /// watchers retry) through `status`.
-    pub async fn run(
-        mut self,
-        snapshots: watch::Sender<Option<ClusterSnapshot>>,
-        status: SourceStatus,
-    ) {
+    /// then what each batch of events changed (a relist: a snapshot again);
+    /// reports watch failures (which the watchers retry) through `status`.
+    /// Ends when the receiver is gone.
+    pub async fn run(mut self, updates_out: UpdateSender, status: SourceStatus) {
         let mut updates = std::pin::pin!(self.updates());
         let mut probe = tokio::time::interval(PROBE_INTERVAL);
         loop {
@@ -137,8 +138,8 @@ impl KubeSource {
             while let Some(Some(next)) = updates.next().now_or_never() {
                 changed |= self.handle(next, &status);
             }
-            if changed && self.is_listed() {
-                snapshots.send_replace(Some(self.snapshot()));
+            if changed && self.is_listed() && updates_out.send(self.update()).is_err() {
+                return;
             }
         }
     }
@@ -194,19 +195,43 @@ impl KubeSource {
         }
     }
 
-    fn snapshot(&self) -> ClusterSnapshot {
-        ClusterSnapshot {
-            node_name: self.node_name.clone(),
-            node: self
-                .nodes
-                .live
-                .values()
-                .find(|node| node.name == self.node_name)
-                .map(|node| NodeInfo::clone(node)),
-            services: self.services.live.clone(),
-            slices: self.slices.live.clone(),
-            ..ClusterSnapshot::default()
+    /// What to publish now: everything after a (re)list or the first
+    /// time, else the objects touched since the last update.
+    fn update(&mut self) -> SourceUpdate {
+        let whole = [
+            self.services.take_relisted(),
+            self.slices.take_relisted(),
+            self.nodes.take_relisted(),
+        ]
+        .contains(&true)
+            || !self.published;
+        self.published = true;
+        let services = self.services.take_touched();
+        let slices = self.slices.take_touched();
+        let node_touched = !self.nodes.take_touched().is_empty();
+        if whole {
+            return SourceUpdate::Snapshot(ClusterSnapshot {
+                node_name: self.node_name.clone(),
+                node: self.own_node(),
+                services: self.services.live.clone(),
+                slices: self.slices.live.clone(),
+                ..ClusterSnapshot::default()
+            });
         }
+        SourceUpdate::Changes(Changes {
+            services,
+            slices,
+            node: node_touched.then(|| self.own_node()),
+            ..Changes::default()
+        })
+    }
+
+    fn own_node(&self) -> Option<NodeInfo> {
+        self.nodes
+            .live
+            .values()
+            .find(|node| node.name == self.node_name)
+            .map(|node| NodeInfo::clone(node))
     }
 }
 
@@ -232,6 +257,10 @@ struct Store<T> {
     /// A list in progress; swapped in whole when it completes.
     listing: Option<BTreeMap<ObjectKey, Arc<T>>>,
     listed: bool,
+    /// A list was swapped in since the last update: publish everything.
+    relisted: bool,
+    /// Keys whose live object changed since the last update.
+    touched: BTreeSet<ObjectKey>,
     /// Invalid versions already reported, so each is logged once.
     reported: BTreeSet<(ObjectKey, String)>,
 }
@@ -244,8 +273,25 @@ impl<T: Clone> Store<T> {
             live: BTreeMap::new(),
             listing: None,
             listed: false,
+            relisted: false,
+            touched: BTreeSet::new(),
             reported: BTreeSet::new(),
         }
+    }
+
+    fn take_relisted(&mut self) -> bool {
+        std::mem::take(&mut self.relisted)
+    }
+
+    /// The objects touched since the last update, as they are now.
+    fn take_touched(&mut self) -> Vec<(ObjectKey, Option<Arc<T>>)> {
+        std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|key| {
+                let now = self.live.get(&key).cloned();
+                (key, now)
+            })
+            .collect()
     }
 
     /// Applies one event of this kind's watch, or records its failure
@@ -281,11 +327,16 @@ impl<T: Clone> Store<T> {
             watcher::Event::Delete(object) => {
                 let key = object_key(&object);
                 self.reported.retain(|(reported, _)| *reported != key);
-                self.live.remove(&key).is_some()
+                let removed = self.live.remove(&key).is_some();
+                if removed {
+                    self.touched.insert(key);
+                }
+                removed
             }
             watcher::Event::InitDone => {
                 if let Some(listed) = self.listing.take() {
                     self.live = listed;
+                    self.relisted = true;
                 }
                 self.reported.retain(|(key, _)| self.live.contains_key(key));
                 self.listed = true;
@@ -323,6 +374,9 @@ impl<T: Clone> Store<T> {
                 last_good
             }
         };
+        if self.listing.is_none() {
+            self.touched.insert(key.clone());
+        }
         let target = self.listing.as_mut().unwrap_or(&mut self.live);
         match entry {
             Some(entry) => target.insert(key, entry),
@@ -401,9 +455,9 @@ mod tests {
     async fn rules_01_03_selectors_and_nothing_published_before_every_list() {
         let (service_mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
         let client = Client::new(service_mock, "default");
-        let (snapshots, mut published) = watch::channel(None);
+        let (updates, mut published) = tokio::sync::mpsc::unbounded_channel();
         let source =
-            tokio::spawn(KubeSource::new(client, "node-1").run(snapshots, SourceStatus::default()));
+            tokio::spawn(KubeSource::new(client, "node-1").run(updates, SourceStatus::default()));
 
         let mut lists = initial_lists(&mut handle).await;
         let (services_query, services) = lists.remove("/api/v1/services").expect("services listed");
@@ -430,16 +484,18 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
-            published.borrow().is_none(),
+            published.try_recv().is_err(),
             "rule 3: nothing before the EndpointSlice list"
         );
 
         slices.send_response(list("EndpointSliceList", "discovery.k8s.io/v1", json!([])));
-        tokio::time::timeout(Duration::from_secs(5), published.changed())
+        let update = tokio::time::timeout(Duration::from_secs(5), published.recv())
             .await
             .expect("published after the last list")
-            .unwrap();
-        let snapshot = published.borrow().clone().expect("a snapshot");
+            .expect("the source runs");
+        let SourceUpdate::Snapshot(snapshot) = update else {
+            panic!("the first update is a whole snapshot: {update:?}");
+        };
         assert_eq!(snapshot.services.len(), 1);
         assert_eq!(snapshot.node_name, "node-1");
         source.abort();

@@ -22,9 +22,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde_json::Value;
-use tokio::sync::watch;
 
-use super::SourceStatus;
+use super::{SourceStatus, SourceUpdate, UpdateSender};
 use crate::model::{
     ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
     objects::{self, Admission, IgnoreReason},
@@ -152,12 +151,7 @@ impl ManifestsSource {
 
     /// Polls forever: logs what each poll found and publishes changed
     /// snapshots. An unreadable directory keeps the last state published.
-    pub async fn run(
-        mut self,
-        snapshots: watch::Sender<Option<ClusterSnapshot>>,
-        status: SourceStatus,
-        interval: Duration,
-    ) {
+    pub async fn run(mut self, updates: UpdateSender, status: SourceStatus, interval: Duration) {
         loop {
             match self.poll() {
                 Ok(poll) => {
@@ -172,8 +166,10 @@ impl ManifestsSource {
                             Severity::Ignored => tracing::info!(%file, "{problem}"),
                         }
                     }
-                    if let Some(snapshot) = poll.snapshot {
-                        snapshots.send_replace(Some(snapshot));
+                    if let Some(snapshot) = poll.snapshot
+                        && updates.send(SourceUpdate::Snapshot(snapshot)).is_err()
+                    {
+                        return;
                     }
                 }
                 Err(err) => status.failing("manifests", format!("{err:#}")),

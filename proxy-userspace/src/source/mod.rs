@@ -1,10 +1,26 @@
 //! Sources of cluster state: a manifests directory or the Kubernetes API.
-//! Each publishes [`ClusterSnapshot`]s on a watch channel (the agent only
-//! ever needs the latest) and reports whether it can reach its origin; the
-//! model does not know which one is on.
+//! Each publishes [`SourceUpdate`]s, in order, and reports whether it can
+//! reach its origin; the model does not know which one is on.
 
 pub mod kube;
 pub mod manifests;
+
+use tokio::sync::mpsc;
+
+use crate::model::{Changes, ClusterSnapshot};
+
+/// What a source publishes.
+#[derive(Debug)]
+pub enum SourceUpdate {
+    /// Everything it knows: its first complete view, a relist, a rescan.
+    Snapshot(ClusterSnapshot),
+    /// What changed since its last update.
+    Changes(Changes),
+}
+
+/// Where a source publishes. Unbounded: updates are small, and a burst the
+/// agent has not taken yet is applied in one go.
+pub type UpdateSender = mpsc::UnboundedSender<SourceUpdate>;
 
 use std::{
     collections::BTreeMap,
