@@ -30,6 +30,10 @@ use crate::{
     http::Response,
     inspect::{self, CounterRow},
     maps::open_pinned,
+    model::{
+        DesiredState,
+        desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
+    },
     source::SourceStatus,
 };
 
@@ -222,6 +226,13 @@ impl Metrics {
         }
     }
 
+    /// Service ports whose Local traffic policy leaves them without an
+    /// endpoint, as kube-proxy counts them.
+    pub fn count_no_local_endpoints(&self, desired: &DesiredState) {
+        let (internal, external) = without_local_endpoints(desired);
+        self.set_no_local_endpoints(internal, external);
+    }
+
     /// Service ports and rule 9 entries the last sync left out for lack
     /// of room.
     pub fn set_over_capacity(&self, ports: i64, wildcards: i64) {
@@ -320,6 +331,25 @@ struct MapLabel {
 /// Maps only the datapath writes, besides the conntrack maps (which the
 /// GC walks anyway): their entries are counted on the GC's thread.
 const DATAPATH_WRITTEN: [&str; 2] = [map_names::AFFINITY, map_names::SOCK_REV_NAT];
+
+/// Service ports whose Local traffic policy leaves them without an
+/// endpoint: (internal, external).
+fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
+    let dropping = |selection: &Selection| {
+        selection.when_empty == WhenEmpty::Drop && selection.backends.is_empty()
+    };
+    let count = |pick: &dyn Fn(&FrontendPlan) -> bool| {
+        desired
+            .ports
+            .values()
+            .filter(|port| port.frontends.iter().any(pick))
+            .count() as i64
+    };
+    (
+        count(&|frontend| frontend.kind == FrontendKind::ClusterIp && dropping(&frontend.internal)),
+        count(&|frontend| frontend.external.as_ref().is_some_and(dropping)),
+    )
+}
 
 /// Capacities of every map with a fill level, and the entries of
 /// [`DATAPATH_WRITTEN`].
