@@ -84,7 +84,13 @@ pub fn pin_path(bpffs: &Path, map: &str) -> PathBuf {
 
 /// Opens a pinned map, saying which one and where when it is missing.
 pub fn open_pinned(bpffs: &Path, map: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(pin_path(bpffs, map)).map_err(map_err(map, "open pin"))
+    open_pinned_in(&bpffs.join(MAPS_DIR), map)
+}
+
+/// Opens a map pinned in `dir`: the agent's maps directory, or during a
+/// migration the old or the new one.
+pub fn open_pinned_in(dir: &Path, map: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))
 }
 
 /// The maps the reconciler writes, opened from their pins.
@@ -136,7 +142,7 @@ impl PinnedMaps {
 
 /// A map pinned in `dir` and its `max_entries`.
 fn open_sized(dir: &Path, map: &'static str) -> Result<(MapData, usize), DatapathError> {
-    let data = MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))?;
+    let data = open_pinned_in(dir, map)?;
     let max_entries = data
         .info()
         .map_err(map_err(map, "read info"))?
