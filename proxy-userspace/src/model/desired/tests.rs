@@ -2,16 +2,12 @@ use std::sync::Arc;
 
 use super::*;
 use crate::model::{
-    fixtures::{key, node},
+    fixtures::{endpoint, ip, key, node},
     objects::SlicePortInfo,
 };
 use FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
 
 use Protocol::{Tcp, Udp};
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
 
 fn service(
     namespace: &str,
@@ -61,17 +57,6 @@ fn slice(
             })
             .collect(),
         endpoints,
-    }
-}
-
-fn endpoint(addr: &str, ready: bool, serving: bool, terminating: bool) -> EndpointInfo {
-    EndpointInfo {
-        addr: ip(addr),
-        ready,
-        serving,
-        terminating,
-        node_name: None,
-        zone_hints: Vec::new(),
     }
 }
 

@@ -1,12 +1,13 @@
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
 use super::*;
-use crate::model::fixtures::key;
+use crate::model::fixtures::{endpoint, ip, key};
 
 fn parse<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
     serde_saphyr::from_str(yaml).expect("test object parses")
-}
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
 }
 
 /// A valid ClusterIP Service with `extra` appended to its spec.
@@ -34,17 +35,6 @@ fn proxied_slice(slice: &EndpointSlice) -> SliceInfo {
     match endpoint_slice(slice) {
         Ok(Admission::Proxied(info)) => info,
         other => panic!("expected a proxied slice, got {other:?}"),
-    }
-}
-
-fn endpoint(addr: &str, ready: bool, serving: bool, terminating: bool) -> EndpointInfo {
-    EndpointInfo {
-        addr: ip(addr),
-        ready,
-        serving,
-        terminating,
-        node_name: None,
-        zone_hints: Vec::new(),
     }
 }
 
