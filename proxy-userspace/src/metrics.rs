@@ -511,6 +511,54 @@ mod tests {
     }
 
     #[test]
+    fn rule_34_no_local_endpoints_counts_local_policy_ports_left_without_one() {
+        use std::{net::Ipv4Addr, sync::Arc};
+
+        use crate::model::{desired::desired_state, fixtures};
+
+        let remote = |mut slice: crate::model::SliceInfo| {
+            for endpoint in &mut slice.endpoints {
+                endpoint.node_name = Some("node2".into());
+            }
+            slice
+        };
+        // Internal Local, endpoints elsewhere: counted as internal.
+        let mut internal = fixtures::cluster_ip_service("internal", Ipv4Addr::new(10, 96, 0, 1));
+        internal.internal_traffic_local = true;
+        // External Local on an external IP, endpoints elsewhere: counted as
+        // external only (its ClusterIP keeps the Cluster policy).
+        let mut external = fixtures::cluster_ip_service("external", Ipv4Addr::new(10, 96, 0, 2));
+        external.external_ips = vec![Ipv4Addr::new(203, 0, 113, 50)];
+        external.external_traffic_local = true;
+        // Internal Local with an endpoint on this node: not counted.
+        let mut local = fixtures::cluster_ip_service("local", Ipv4Addr::new(10, 96, 0, 3));
+        local.internal_traffic_local = true;
+        let slices = [
+            remote(fixtures::ready_slice(
+                "internal-1",
+                "internal",
+                &[Ipv4Addr::new(10, 0, 0, 1)],
+            )),
+            remote(fixtures::ready_slice(
+                "external-1",
+                "external",
+                &[Ipv4Addr::new(10, 0, 0, 2)],
+            )),
+            fixtures::ready_slice("local-1", "local", &[Ipv4Addr::new(10, 0, 0, 3)]),
+        ];
+        let mut snapshot = fixtures::snapshot();
+        for service in [internal, external, local] {
+            snapshot
+                .services
+                .insert(service.key.clone(), Arc::new(service));
+        }
+        for slice in slices {
+            snapshot.slices.insert(slice.key.clone(), Arc::new(slice));
+        }
+        assert_eq!(without_local_endpoints(&desired_state(&snapshot)), (1, 1));
+    }
+
+    #[test]
     fn conntrack_gc_metrics_are_exposed() {
         let metrics = Metrics::new(PathBuf::from("/nonexistent"), SourceStatus::default());
         metrics.observe_conntrack_gc(&GcReport {
