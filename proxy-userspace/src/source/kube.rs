@@ -17,7 +17,6 @@ use std::{
 };
 
 use anyhow::Context;
-
 use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
