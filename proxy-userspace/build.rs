@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Custom(channel),
     )
+    .with_context(|| {
+        format!("building the eBPF programs on {channel} (`cargo xtask setup` installs it)")
+    })
 }
 
 /// The `channel = "..."` of a rust-toolchain.toml.
