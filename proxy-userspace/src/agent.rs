@@ -7,32 +7,27 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
+    agent_health::Health,
     conntrack::{self, ConntrackGc},
-    health::Health,
-    healthcheck::HealthCheckServers,
     host, http,
     maps::PinnedMaps,
     metrics::{self, Metrics},
-    model::{
-        Changes, DesiredState, HealthCheck, NodePortAddresses, PlanChange, Planner,
-        desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
-        maglev::TableSize,
-    },
+    model::{Changes, HealthCheck, NodePortAddresses, PlanChange, Planner, maglev::TableSize},
     programs,
-    reconciler::{Reconciler, SyncReport},
+    reconciler::Reconciler,
+    service_health::HealthCheckServers,
     sockets::StaleSocketTerminator,
     source::{SourceStatus, SourceUpdate, kube::KubeSource, manifests::ManifestsSource},
 };
@@ -94,7 +89,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             tokio::spawn(source.run(published, status.clone(), *poll_interval))
         }
         SourceConfig::Kubernetes { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
+            let client = crate::source::kube::client(kubeconfig.as_deref()).await?;
             let source = KubeSource::new(client, &config.node_name);
             tokio::spawn(source.run(published, status.clone()))
         }
@@ -359,8 +354,7 @@ impl Programmer {
                 "two service ports claim one frontend; the first keeps it"
             );
         }
-        let (internal, external) = without_local_endpoints(desired);
-        self.metrics.set_no_local_endpoints(internal, external);
+        self.metrics.count_no_local_endpoints(desired);
         change
     }
 
@@ -386,7 +380,7 @@ impl Programmer {
             report.wildcards_over_capacity as i64,
         );
         self.metrics.set_map_entries(&self.reconciler.entries());
-        log_report(&report, desired.ports.len());
+        report.log(desired.ports.len());
         self.stale_sockets.after_sync(&report.removed_backends);
         if !report.is_complete() {
             return false;
@@ -478,79 +472,4 @@ async fn collect_conntrack(bpffs: PathBuf, metrics: Metrics) -> Result<std::conv
             ),
         }
     }
-}
-
-/// Service ports whose Local traffic policy leaves them without an
-/// endpoint: (internal, external), as kube-proxy counts them.
-fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
-    let dropping = |selection: &Selection| {
-        selection.when_empty == WhenEmpty::Drop && selection.backends.is_empty()
-    };
-    let count = |pick: &dyn Fn(&FrontendPlan) -> bool| {
-        desired
-            .ports
-            .values()
-            .filter(|port| port.frontends.iter().any(pick))
-            .count() as i64
-    };
-    (
-        count(&|frontend| frontend.kind == FrontendKind::ClusterIp && dropping(&frontend.internal)),
-        count(&|frontend| frontend.external.as_ref().is_some_and(dropping)),
-    )
-}
-
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::incluster().context(
-            "no in-cluster configuration (KUBERNETES_SERVICE_HOST unset?): pass --kubeconfig \
-             or --manifests",
-        )?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
-fn log_report(report: &SyncReport, service_ports: usize) {
-    for (port, err) in &report.failed {
-        tracing::error!(service_port = %port, error = %err, "programming failed; keeps its previous state, retrying");
-    }
-    if !report.over_capacity.is_empty() || report.wildcards_over_capacity > 0 {
-        let examples: Vec<String> = report
-            .over_capacity
-            .iter()
-            .take(3)
-            .map(|(port, over)| format!("{port} ({over})"))
-            .collect();
-        tracing::error!(
-            service_ports = report.over_capacity.len(),
-            cluster_ip_wildcards = report.wildcards_over_capacity,
-            examples = %examples.join("; "),
-            "not programmed: the maps have no room left"
-        );
-    }
-    for (cluster_ip, err) in &report.failed_wildcards {
-        tracing::error!(%cluster_ip, error = %err, "refusing undefined ports failed; retrying");
-    }
-    for err in &report.failed_deletes {
-        tracing::error!(error = %err, "delete failed; retrying");
-    }
-    tracing::info!(
-        service_ports,
-        frontends_written = report.frontends_written,
-        frontends_deleted = report.frontends_deleted,
-        backends_added = report.backends_added,
-        backends_deleted = report.backends_deleted,
-        source_ranges_written = report.source_ranges_written,
-        source_ranges_deleted = report.source_ranges_deleted,
-        maglev_tables_written = report.maglev_tables_written,
-        maglev_tables_deleted = report.maglev_tables_deleted,
-        complete = report.is_complete(),
-        "synced"
-    );
 }

@@ -5,14 +5,14 @@
 //! [`source`] (manifests) -> [`model`] (pure semantics) -> [`reconciler`]
 //! (diff and ordered writes) -> [`maps`] (pinned BPF maps) -> [`programs`]
 //! (load, attach, pin). [`agent`] wires them; [`inspect`] reads the pinned
-//! maps back for operators; [`health`] and [`metrics`] serve `/healthz`
-//! and `/metrics` over the small [`http`] responder.
+//! maps back for operators; [`agent_health`] and [`metrics`] serve the
+//! agent's `/healthz` and `/metrics`, [`service_health`] the per-Service
+//! healthCheckNodePort servers, all over the small [`http`] responder.
 
 pub mod agent;
+pub mod agent_health;
 pub mod conntrack;
 pub mod explain;
-pub mod health;
-pub mod healthcheck;
 pub mod host;
 pub mod http;
 pub mod inspect;
@@ -21,5 +21,6 @@ pub mod metrics;
 pub mod model;
 pub mod programs;
 pub mod reconciler;
+pub mod service_health;
 pub mod sockets;
 pub mod source;

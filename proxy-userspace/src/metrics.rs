@@ -30,6 +30,10 @@ use crate::{
     http::Response,
     inspect::{self, CounterRow},
     maps::open_pinned,
+    model::{
+        DesiredState,
+        desired::{FrontendKind, FrontendPlan, Selection, WhenEmpty},
+    },
     source::SourceStatus,
 };
 
@@ -222,6 +226,13 @@ impl Metrics {
         }
     }
 
+    /// Service ports whose Local traffic policy leaves them without an
+    /// endpoint, as kube-proxy counts them.
+    pub fn count_no_local_endpoints(&self, desired: &DesiredState) {
+        let (internal, external) = without_local_endpoints(desired);
+        self.set_no_local_endpoints(internal, external);
+    }
+
     /// Service ports and rule 9 entries the last sync left out for lack
     /// of room.
     pub fn set_over_capacity(&self, ports: i64, wildcards: i64) {
@@ -320,6 +331,25 @@ struct MapLabel {
 /// Maps only the datapath writes, besides the conntrack maps (which the
 /// GC walks anyway): their entries are counted on the GC's thread.
 const DATAPATH_WRITTEN: [&str; 2] = [map_names::AFFINITY, map_names::SOCK_REV_NAT];
+
+/// Service ports whose Local traffic policy leaves them without an
+/// endpoint: (internal, external).
+fn without_local_endpoints(desired: &DesiredState) -> (i64, i64) {
+    let dropping = |selection: &Selection| {
+        selection.when_empty == WhenEmpty::Drop && selection.backends.is_empty()
+    };
+    let count = |pick: &dyn Fn(&FrontendPlan) -> bool| {
+        desired
+            .ports
+            .values()
+            .filter(|port| port.frontends.iter().any(pick))
+            .count() as i64
+    };
+    (
+        count(&|frontend| frontend.kind == FrontendKind::ClusterIp && dropping(&frontend.internal)),
+        count(&|frontend| frontend.external.as_ref().is_some_and(dropping)),
+    )
+}
 
 /// Capacities of every map with a fill level, and the entries of
 /// [`DATAPATH_WRITTEN`].
@@ -478,6 +508,54 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn rule_34_no_local_endpoints_counts_local_policy_ports_left_without_one() {
+        use std::{net::Ipv4Addr, sync::Arc};
+
+        use crate::model::{desired::desired_state, fixtures};
+
+        let remote = |mut slice: crate::model::SliceInfo| {
+            for endpoint in &mut slice.endpoints {
+                endpoint.node_name = Some("node2".into());
+            }
+            slice
+        };
+        // Internal Local, endpoints elsewhere: counted as internal.
+        let mut internal = fixtures::cluster_ip_service("internal", Ipv4Addr::new(10, 96, 0, 1));
+        internal.internal_traffic_local = true;
+        // External Local on an external IP, endpoints elsewhere: counted as
+        // external only (its ClusterIP keeps the Cluster policy).
+        let mut external = fixtures::cluster_ip_service("external", Ipv4Addr::new(10, 96, 0, 2));
+        external.external_ips = vec![Ipv4Addr::new(203, 0, 113, 50)];
+        external.external_traffic_local = true;
+        // Internal Local with an endpoint on this node: not counted.
+        let mut local = fixtures::cluster_ip_service("local", Ipv4Addr::new(10, 96, 0, 3));
+        local.internal_traffic_local = true;
+        let slices = [
+            remote(fixtures::ready_slice(
+                "internal-1",
+                "internal",
+                &[Ipv4Addr::new(10, 0, 0, 1)],
+            )),
+            remote(fixtures::ready_slice(
+                "external-1",
+                "external",
+                &[Ipv4Addr::new(10, 0, 0, 2)],
+            )),
+            fixtures::ready_slice("local-1", "local", &[Ipv4Addr::new(10, 0, 0, 3)]),
+        ];
+        let mut snapshot = fixtures::snapshot();
+        for service in [internal, external, local] {
+            snapshot
+                .services
+                .insert(service.key.clone(), Arc::new(service));
+        }
+        for slice in slices {
+            snapshot.slices.insert(slice.key.clone(), Arc::new(slice));
+        }
+        assert_eq!(without_local_endpoints(&desired_state(&snapshot)), (1, 1));
     }
 
     #[test]

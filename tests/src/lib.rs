@@ -32,7 +32,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::{
     collections::BTreeMap,
     fs::{self, File},
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Read, Seek, SeekFrom},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -42,7 +42,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 /// Where bpffs must be mounted; pin directories live below it.
@@ -613,14 +613,19 @@ pub fn datapath_counters(pins: &Path) -> Result<BTreeMap<String, u64>> {
 }
 
 static AGENT_LOGS: AtomicU32 = AtomicU32::new(0);
+/// How much of the end of an agent's log [`Agent::log_tail`] reads.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
 
-/// A running `ebpf-proxy agent` inside a network namespace. Drop kills it
-/// (SIGKILL) and removes its log unless `PROXY_TESTS_KEEP_LOGS` is set;
-/// it leaves the pins alone (that is [`PinDir`]'s job).
+/// A running `ebpf-proxy agent` inside a network namespace, for the tests,
+/// the demo and the bench alike. Drop kills it (SIGKILL) and removes its
+/// log unless `PROXY_TESTS_KEEP_LOGS` is set; it leaves the pins alone
+/// (that is [`PinDir`]'s job).
 #[derive(Debug)]
 pub struct Agent {
     child: Mutex<ChildGuard>,
     log_path: PathBuf,
+    started: Instant,
+    started_at: SystemTime,
 }
 
 impl Agent {
@@ -677,11 +682,25 @@ impl Agent {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        let started = Instant::now();
+        let started_at = SystemTime::now();
         let child = netns.spawn(&mut cmd)?;
         Ok(Agent {
             child: Mutex::new(child),
             log_path,
+            started,
+            started_at,
         })
+    }
+
+    /// When the agent was spawned: to time its start (to /healthz 200).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The same moment by the wall clock, to compare with log timestamps.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
     }
 
     pub fn id(&self) -> u32 {
@@ -753,10 +772,21 @@ impl Agent {
         }
     }
 
-    /// The last `n` lines of the log.
+    /// The last `n` lines of the log, read from its last 64 KiB (an agent
+    /// with many Services writes a long log).
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log();
-        let lines: Vec<&str> = log.lines().collect();
+        let mut tail = Vec::new();
+        if let Ok(mut file) = File::open(&self.log_path) {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let read = file
+                .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+                .and_then(|_| file.read_to_end(&mut tail));
+            if read.is_err() {
+                tail.clear();
+            }
+        }
+        let tail = String::from_utf8_lossy(&tail);
+        let lines: Vec<&str> = tail.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 

@@ -18,6 +18,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use proxy_common::{Backend, ServiceKey, ServiceValue, map_names, proto, scope};
 use proxy_tests::{TempDir, agent_bin, host, json_lines};
+use proxy_userspace::maps::open_pinned;
 use serde_json::Value;
 
 mod common;
@@ -429,12 +430,11 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
 
     // Someone else deletes the frontend's master and points a backend at a
     // port nothing listens on.
-    let pins = node.pins.path().join("maps");
     let mut services = services_map(&node);
     let master = vip_master(80);
     services.remove(&master).unwrap();
     let mut backends: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(
-        MapData::from_pin(pins.join(map_names::BACKENDS)).unwrap(),
+        open_pinned(node.pins.path(), map_names::BACKENDS).unwrap(),
     ))
     .unwrap();
     let (id, mut backend) = backends.iter().next().unwrap().unwrap();
@@ -455,8 +455,8 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
 
 /// Opens the pinned services map of `node`.
 fn services_map(node: &TestNode) -> HashMap<MapData, ServiceKey, ServiceValue> {
-    let pin = node.pins.path().join("maps").join(map_names::SERVICES);
-    HashMap::try_from(Map::HashMap(MapData::from_pin(pin).unwrap())).unwrap()
+    let data = open_pinned(node.pins.path(), map_names::SERVICES).unwrap();
+    HashMap::try_from(Map::HashMap(data)).unwrap()
 }
 
 /// The internal master key of `VIP:port`/TCP.

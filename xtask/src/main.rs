@@ -32,9 +32,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install packages, nightly rust-src, bpf-linker; mount bpffs and cgroup2.
+    /// Install packages, the pinned nightly with rust-src, bpf-linker; mount
+    /// bpffs and cgroup2.
     Setup,
-    /// Build the eBPF object (nightly, build-std=core, bpfel-unknown-none).
+    /// Build the eBPF object (pinned nightly, build-std=core, bpfel-unknown-none).
     BuildEbpf,
     /// setup, build everything, cargo test, then the demo.
     Test {
@@ -204,7 +205,7 @@ fn build_ebpf() -> Result<PathBuf> {
     run(Command::new("rustup")
         .args([
             "run",
-            "nightly",
+            setup::ebpf_toolchain(),
             "cargo",
             "build",
             "--package",

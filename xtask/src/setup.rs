@@ -9,7 +9,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-/// LLVM 22 matches the nightly's LLVM (bpf-linker links against it).
+/// LLVM 22 matches the pinned nightly's LLVM (bpf-linker links against it).
 /// iptables and nftables: `cargo xtask bench` compares against kube-proxy's
 /// rule layouts (loaded inside the bench's own namespaces only). ethtool:
 /// the cluster box turns on GRO where XDP sends frames into a veth.
@@ -29,6 +29,19 @@ const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// newer one may need a newer rustc).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CGROUP2_MOUNT: &str = "/sys/fs/cgroup/unified";
+/// The eBPF build's toolchain file (see its comment), read at compile time.
+const EBPF_TOOLCHAIN_FILE: &str = include_str!("../../proxy-ebpf/rust-toolchain.toml");
+
+/// The dated nightly the eBPF programs build on, e.g. `nightly-2026-05-20`.
+pub fn ebpf_toolchain() -> &'static str {
+    EBPF_TOOLCHAIN_FILE
+        .lines()
+        .find_map(|line| {
+            let value = line.trim().strip_prefix("channel")?.trim_start();
+            Some(value.strip_prefix('=')?.trim().trim_matches('"'))
+        })
+        .expect("proxy-ebpf/rust-toolchain.toml names a channel")
+}
 
 pub fn setup() -> Result<()> {
     let mut actions = 0;
@@ -95,13 +108,18 @@ fn apt(act: &mut impl FnMut(&str)) -> Result<()> {
 }
 
 fn rust(act: &mut impl FnMut(&str)) -> Result<()> {
+    let toolchain = ebpf_toolchain();
     let toolchains = stdout_of(Command::new("rustup").args(["toolchain", "list"]));
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        act("rustup toolchain install nightly (with rust-src)");
+    // Listed with the host triple: nightly-2026-05-20-x86_64-unknown-linux-gnu.
+    let installed_prefix = format!("{toolchain}-");
+    if !toolchains.lines().any(|l| l.starts_with(&installed_prefix)) {
+        act(&format!(
+            "rustup toolchain install {toolchain} (with rust-src)"
+        ));
         run(Command::new("rustup").args([
             "toolchain",
             "install",
-            "nightly",
+            toolchain,
             "--profile",
             "minimal",
             "--component",
@@ -112,17 +130,19 @@ fn rust(act: &mut impl FnMut(&str)) -> Result<()> {
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        toolchain,
         "--installed",
     ]));
     if !components.lines().any(|l| l.trim() == "rust-src") {
-        act("rustup component add rust-src --toolchain nightly");
+        act(&format!(
+            "rustup component add rust-src --toolchain {toolchain}"
+        ));
         run(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            toolchain,
         ]))?;
     }
     Ok(())

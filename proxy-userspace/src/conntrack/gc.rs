@@ -126,7 +126,7 @@ impl ConntrackGc {
         let mut tables = PinnedConntrack::open(&self.bpffs).with_context(|| {
             format!(
                 "opening the conntrack maps under {}",
-                self.bpffs.join("maps").display()
+                crate::maps::maps_dir(&self.bpffs).display()
             )
         })?;
         let report = sweep(&mut tables, &mut self.orphans, now_ns)

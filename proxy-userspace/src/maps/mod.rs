@@ -75,16 +75,27 @@ pub trait Datapath {
 }
 
 /// The directory under the agent's bpffs directory that holds the maps.
-const MAPS_DIR: &str = "maps";
+pub(crate) const MAPS_DIR: &str = "maps";
+
+/// Where the maps are pinned under the agent's bpffs directory.
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(MAPS_DIR)
+}
 
 /// Where a map is pinned under the agent's bpffs directory.
 pub fn pin_path(bpffs: &Path, map: &str) -> PathBuf {
-    bpffs.join(MAPS_DIR).join(map)
+    maps_dir(bpffs).join(map)
 }
 
 /// Opens a pinned map, saying which one and where when it is missing.
 pub fn open_pinned(bpffs: &Path, map: &'static str) -> Result<MapData, DatapathError> {
-    MapData::from_pin(pin_path(bpffs, map)).map_err(map_err(map, "open pin"))
+    open_pinned_in(&maps_dir(bpffs), map)
+}
+
+/// Opens a map pinned in `dir`: the agent's maps directory, or during a
+/// migration the old or the new one.
+pub fn open_pinned_in(dir: &Path, map: &'static str) -> Result<MapData, DatapathError> {
+    MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))
 }
 
 /// The maps the reconciler writes, opened from their pins.
@@ -101,7 +112,7 @@ pub struct PinnedMaps {
 impl PinnedMaps {
     /// The maps an agent serves with, under `<bpffs>/maps/`.
     pub fn open(bpffs: &Path) -> Result<Self, DatapathError> {
-        Self::open_in(&bpffs.join(MAPS_DIR))
+        Self::open_in(&maps_dir(bpffs))
     }
 
     /// The maps pinned in `dir` (during a migration: the new maps), each
@@ -136,7 +147,7 @@ impl PinnedMaps {
 
 /// A map pinned in `dir` and its `max_entries`.
 fn open_sized(dir: &Path, map: &'static str) -> Result<(MapData, usize), DatapathError> {
-    let data = MapData::from_pin(dir.join(map)).map_err(map_err(map, "open pin"))?;
+    let data = open_pinned_in(dir, map)?;
     let max_entries = data
         .info()
         .map_err(map_err(map, "read info"))?

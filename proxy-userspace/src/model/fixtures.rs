@@ -43,6 +43,23 @@ impl Rng {
     }
 }
 
+/// An address written out, e.g. `ip("10.96.0.10")`.
+pub fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// An endpoint with these conditions, on no node and without hints.
+pub fn endpoint(addr: &str, ready: bool, serving: bool, terminating: bool) -> EndpointInfo {
+    EndpointInfo {
+        addr: ip(addr),
+        ready,
+        serving,
+        terminating,
+        node_name: None,
+        zone_hints: Vec::new(),
+    }
+}
+
 pub fn key(namespace: &str, name: &str) -> ObjectKey {
     ObjectKey {
         namespace: namespace.to_owned(),

@@ -9,6 +9,8 @@ use proxy_common::{
     AffinityKey, AffinityValue, CtEntry, CtReply, Flow4, SockRevNatKey, SockRevNatValue, map_names,
 };
 
+use crate::maps::open_pinned_in;
+
 /// Whether `dir` holds no pinned map (a first start).
 pub fn is_empty(dir: &Path) -> Result<bool> {
     match fs::read_dir(dir) {
@@ -79,7 +81,7 @@ pub fn copy_flow_state(from: &Path, to: &Path) -> Result<Copied> {
 }
 
 fn copy<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path, name: &'static str) -> Result<usize> {
-    let Ok(source) = MapData::from_pin(from.join(name)) else {
+    let Ok(source) = open_pinned_in(from, name) else {
         return Ok(0);
     };
     let same_layout = source.info().is_ok_and(|info| {
@@ -90,7 +92,7 @@ fn copy<K: aya::Pod, V: aya::Pod>(from: &Path, to: &Path, name: &'static str) ->
     }
     let source: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(source))
         .with_context(|| format!("opening old {name}"))?;
-    let target = MapData::from_pin(to.join(name)).with_context(|| format!("opening new {name}"))?;
+    let target = open_pinned_in(to, name).with_context(|| format!("opening new {name}"))?;
     let mut target: HashMap<MapData, K, V> = HashMap::try_from(Map::LruHashMap(target))
         .with_context(|| format!("opening new {name}"))?;
     let mut copied = 0;

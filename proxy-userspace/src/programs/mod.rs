@@ -43,6 +43,8 @@ use aya_log::{EbpfLogger, Level};
 use proxy_common::{map_names, map_sizes};
 use tokio::io::{Interest, unix::AsyncFd};
 
+use crate::maps::MAPS_DIR;
+
 pub use mounts::{check_bpffs, check_cgroup2, default_cgroup2};
 
 /// The eBPF object, built by this crate's build script.
@@ -148,7 +150,6 @@ impl DatapathLogLevel {
     }
 }
 
-const MAPS_DIR: &str = "maps";
 const STAGING_DIR: &str = "maps_next";
 const RETIRED_DIR: &str = "maps_old";
 const LINKS_DIR: &str = "links";

@@ -104,6 +104,48 @@ pub struct SyncReport {
     pub wildcards_over_capacity: usize,
 }
 
+impl SyncReport {
+    /// Logs what failed, what found no room, and one summary line.
+    pub fn log(&self, service_ports: usize) {
+        for (port, err) in &self.failed {
+            tracing::error!(service_port = %port, error = %err, "programming failed; keeps its previous state, retrying");
+        }
+        if !self.over_capacity.is_empty() || self.wildcards_over_capacity > 0 {
+            let examples: Vec<String> = self
+                .over_capacity
+                .iter()
+                .take(3)
+                .map(|(port, over)| format!("{port} ({over})"))
+                .collect();
+            tracing::error!(
+                service_ports = self.over_capacity.len(),
+                cluster_ip_wildcards = self.wildcards_over_capacity,
+                examples = %examples.join("; "),
+                "not programmed: the maps have no room left"
+            );
+        }
+        for (cluster_ip, err) in &self.failed_wildcards {
+            tracing::error!(%cluster_ip, error = %err, "refusing undefined ports failed; retrying");
+        }
+        for err in &self.failed_deletes {
+            tracing::error!(error = %err, "delete failed; retrying");
+        }
+        tracing::info!(
+            service_ports,
+            frontends_written = self.frontends_written,
+            frontends_deleted = self.frontends_deleted,
+            backends_added = self.backends_added,
+            backends_deleted = self.backends_deleted,
+            source_ranges_written = self.source_ranges_written,
+            source_ranges_deleted = self.source_ranges_deleted,
+            maglev_tables_written = self.maglev_tables_written,
+            maglev_tables_deleted = self.maglev_tables_deleted,
+            complete = self.is_complete(),
+            "synced"
+        );
+    }
+}
+
 /// A service port needs more entries of `map` than are free.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("needs {needed} more entries in map {map}, {free} free")]

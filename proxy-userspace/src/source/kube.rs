@@ -15,14 +15,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::Path,
     sync::Arc,
 };
 
-use super::{SourceStatus, SourceUpdate, UpdateSender};
-use crate::model::{
-    Changes, ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
-    objects::{self, Admission, InvalidObject},
-};
+use anyhow::Context;
 use futures::{FutureExt, Stream, StreamExt, stream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -31,7 +28,14 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
+    config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt, watcher},
+};
+
+use super::{SourceStatus, SourceUpdate, UpdateSender};
+use crate::model::{
+    Changes, ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
+    objects::{self, Admission, InvalidObject},
 };
 
 /// How often a failing watch's resource is probed for recovery.
@@ -391,6 +395,24 @@ fn object_key<K: Resource>(object: &K) -> ObjectKey {
         namespace: object.namespace().unwrap_or_else(|| "default".into()),
         name: object.name_any(),
     }
+}
+
+/// A client from a kubeconfig file, or from the in-cluster configuration.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no in-cluster configuration (KUBERNETES_SERVICE_HOST unset?): pass --kubeconfig \
+             or --manifests",
+        )?,
+    };
+    Client::try_from(config).context("building the Kubernetes client")
 }
 
 #[cfg(test)]

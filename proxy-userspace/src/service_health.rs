@@ -13,7 +13,7 @@ use std::{
 use tokio::task::JoinHandle;
 
 use crate::{
-    health::{Health, Probe},
+    agent_health::{Health, Probe},
     http::{self, Response},
     model::desired::HealthCheck,
 };
