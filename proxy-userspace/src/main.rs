@@ -411,11 +411,25 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         datapath_log_level: args.datapath_log_level.into(),
         destroy_tcp_sockets: args.destroy_tcp_sockets_to_removed_backends,
     };
+    limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?
         .block_on(agent::run(config))
+}
+
+/// glibc gives each thread that allocates concurrently an arena of its own
+/// (up to 8 per core), and memory freed in one is not reused by another:
+/// the source, the planner's blocking thread and the servers would each
+/// keep a peak's worth. Two arenas measured 4 MiB less resident at 10k
+/// Services, with no change in sync times.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 #[cfg(test)]
