@@ -75,8 +75,8 @@ use render::*;
 use crate::{cargo, run, setup, target_dir};
 use anyhow::{Context, Result, bail};
 use proxy_tests::{
-    Cgroup, ChildGuard, Netns, PinDir, TempDir, apiserver::ApiServer, host, json_lines,
-    remove_leftovers, run_checked, start_server, unique_name,
+    Agent, Cgroup, ChildGuard, Netns, PinDir, TempDir, apiserver::ApiServer, host, json_lines,
+    remove_leftovers, run_checked, start_server,
 };
 use serde_json::{Value, json};
 use std::{

@@ -44,13 +44,12 @@ impl Testbox {
     }
 }
 
-/// The release agent, spawned in a namespace; killed on drop, its log
-/// removed (kept with `PROXY_TESTS_KEEP_LOGS`).
+/// The agent as the bench runs it: the tests' runner
+/// ([`proxy_tests::Agent`]), plus what the bench records while waiting for
+/// it to become healthy.
 pub(super) struct AgentProc {
-    pub(super) child: ChildGuard,
-    pub(super) log: PathBuf,
-    pub(super) started: Instant,
-    /// The same moment, unix seconds (to compare with log timestamps).
+    pub(super) agent: Agent,
+    /// When it started, unix seconds (to compare with log timestamps).
     pub(super) started_unix: f64,
     /// How long each /healthz answer took while waiting for it to be 200
     /// (the client's start included): the agent must answer during its
@@ -66,53 +65,32 @@ impl AgentProc {
         cgroup: &Cgroup,
         pins: &PinDir,
     ) -> Result<AgentProc> {
-        let log = std::env::temp_dir().join(format!("{}-agent.log", unique_name(PREFIX)));
-        let file = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = Command::new(proxy_tests::agent_bin());
-        cmd.arg("agent")
-            .arg(source.0)
-            .arg(source.1)
-            .args(["--hostname-override", NODE_NAME])
-            .arg("--cgroup")
-            .arg(cgroup.path())
-            .arg("--bpffs")
-            .arg(pins.path())
-            .args(["--healthz-bind-address", HEALTHZ])
-            .args(["--metrics-bind-address", METRICS])
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
-        let started = Instant::now();
-        let started_unix = unix_now();
-        let child = ns.spawn(&mut cmd)?;
+        let source_path = source.1.to_string_lossy();
+        let agent = Agent::start_with_args(
+            ns,
+            &[source.0, &source_path, "--metrics-bind-address", METRICS],
+            cgroup.path(),
+            pins.path(),
+            NODE_NAME,
+        )?;
+        let started_unix = agent
+            .started_at()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         Ok(AgentProc {
-            healthz_answers_ms: Vec::new(),
-            child,
-            log,
-            started,
+            agent,
             started_unix,
+            healthz_answers_ms: Vec::new(),
         })
     }
 
     pub(super) fn pid(&self) -> u32 {
-        self.child.id()
+        self.agent.id()
     }
 
-    /// The last `n` lines of the log (read from its last 64 KiB).
     pub(super) fn log_tail(&self, n: usize) -> String {
-        use std::io::{Read as _, Seek as _, SeekFrom};
-        let mut text = Vec::new();
-        if let Ok(mut f) = fs::File::open(&self.log) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
-            let _ = f.read_to_end(&mut text);
-        }
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        self.agent.log_tail(n)
     }
 
     /// Polls /healthz every 50 ms; Ok(time since start) at the first 200.
@@ -129,7 +107,7 @@ impl AgentProc {
         let mut last = String::new();
         let mut next_metrics = Instant::now() + Duration::from_millis(500);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.agent.try_wait() {
                 return Err(format!(
                     "agent exited ({status}) before /healthz answered 200"
                 ));
@@ -153,7 +131,7 @@ impl AgentProc {
                         .push(asked.elapsed().as_secs_f64() * 1000.0);
                 }
                 match answer {
-                    Ok(v) if v["status"] == 200 => return Ok(self.started.elapsed()),
+                    Ok(v) if v["status"] == 200 => return Ok(self.agent.started().elapsed()),
                     Ok(v) => last = v["body"].as_str().unwrap_or("").to_string(),
                     Err(_) => last = stdout.trim().to_string(),
                 }
@@ -170,7 +148,7 @@ impl AgentProc {
                     return Err(format!(
                         "/healthz still not 200 after {syncs:.0} finished syncs ({:.1} s after start): \
                          every sync was incomplete; stopped waiting (last answer: {last})",
-                        self.started.elapsed().as_secs_f64()
+                        self.agent.started().elapsed().as_secs_f64()
                     ));
                 }
             }
@@ -322,17 +300,6 @@ pub(super) fn scan_log(path: &Path) -> LogScan {
         buf.clear();
     }
     scan
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        self.child.kill();
-        if std::env::var_os("PROXY_TESTS_KEEP_LOGS").is_none() {
-            let _ = fs::remove_file(&self.log);
-        } else {
-            eprintln!("bench: agent log kept: {}", self.log.display());
-        }
-    }
 }
 
 /// The ebpf-proxy layout. Drop order: agent, pins (detaches the

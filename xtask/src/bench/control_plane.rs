@@ -313,7 +313,7 @@ pub(super) fn control_plane(
                         break;
                     };
                     if counts(&rows) == (want_frontends, want_backends) {
-                        out["converged_s"] = json!(agent.started.elapsed().as_secs_f64());
+                        out["converged_s"] = json!(agent.agent.started().elapsed().as_secs_f64());
                         break;
                     }
                 }
@@ -405,14 +405,14 @@ pub(super) fn control_plane(
     if tail_changes > 0 && change_problem.is_none() {
         eprintln!("bench: {label}: {tail_changes} endpoint changes, one after the other");
         out["endpoint_change_tail"] =
-            control_tail::endpoint_changes(&feed, &agent.log, tail_changes)?;
+            control_tail::endpoint_changes(&feed, agent.agent.log_path(), tail_changes)?;
     }
     out["change_problem"] = json!(change_problem);
     out["rss_kib"] = json!(status_kib(agent.pid(), "VmRSS:"));
     out["maps_memlock_bytes"] = json!(control_tail::maps_memlock_bytes(agent.pid()));
     out["hwm_kib"] = json!(status_kib(agent.pid(), "VmHWM:"));
     out["agent_cpu_s"] = json!(cpu_seconds(agent.pid()));
-    out["agent_age_s"] = json!(agent.started.elapsed().as_secs_f64());
+    out["agent_age_s"] = json!(agent.agent.started().elapsed().as_secs_f64());
 
     // The agent's own sync-duration metric.
     let body = fetch_metrics(&tb.ns);
@@ -422,10 +422,10 @@ pub(super) fn control_plane(
     if body.is_empty() {
         out["metrics_problem"] = json!(format!("no answer from {METRICS}/metrics"));
     }
-    let alive = agent.child.try_wait().ok().flatten().is_none();
+    let alive = agent.agent.try_wait().ok().flatten().is_none();
     out["agent_alive_at_end"] = json!(alive);
-    agent.child.kill();
-    let scan = scan_log(&agent.log);
+    agent.agent.kill();
+    let scan = scan_log(agent.agent.log_path());
     let started_unix = agent.started_unix;
     drop(agent);
     out["agent_log"] = json!({
