@@ -279,15 +279,7 @@ impl<D: Datapath> Reconciler<D> {
             .filter(|range| !keep.source_ranges.contains(range))
             .copied()
             .collect();
-        for range in gone {
-            match self.datapath.delete_source_range(&range) {
-                Ok(()) => {
-                    self.source_ranges.remove(&range);
-                    report.source_ranges_deleted += 1;
-                }
-                Err(err) => report.failed_deletes.push(err),
-            }
-        }
+        self.delete_source_ranges(gone, report);
     }
 
     fn source_ranges_of(

@@ -1127,6 +1127,10 @@ impl<D: Datapath> Reconciler<D> {
             })
             .copied()
             .collect();
+        self.delete_source_ranges(gone, report);
+    }
+
+    fn delete_source_ranges(&mut self, gone: Vec<SourceRangeEntry>, report: &mut SyncReport) {
         for range in gone {
             match self.datapath.delete_source_range(&range) {
                 Ok(()) => {
