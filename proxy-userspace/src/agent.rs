@@ -227,7 +227,9 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             sync.health_checks.update(health_checks).await;
         }
         unsettled = !outcome.settled;
-        if outcome.settled && datapath.migrating() {
+        // New maps take over once they hold the source's state, never
+        // before its first update (a resync may come first).
+        if outcome.settled && sync.planned && datapath.migrating() {
             datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
             datapath.finish_migration()?;
             programmer
