@@ -131,10 +131,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         metrics.clone(),
     ));
     let mut conntrack_gc = tokio::spawn(collect_conntrack(config.bpffs.clone(), metrics.clone()));
-    let mut sync = SyncLoop {
-        health_checks: HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone()),
-        planned: false,
-    };
+    let mut health_checks = HealthCheckServers::new(Ipv4Addr::UNSPECIFIED, health.clone());
     if !datapath.migrating() {
         metrics.set_datapath_fill(&metrics::map_capacities(&config.bpffs));
     }
@@ -172,7 +169,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 while let Ok(next) = updates.try_recv() {
                     batch.push(next);
                 }
-                sync.planned = true;
                 Work::Plan {
                     updates: batch,
                     local_addresses: node_addresses.borrow().clone(),
@@ -186,7 +182,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
                 let now = node_addresses.borrow_and_update().clone();
                 // Before the first update there is nothing to replan: the
                 // first snapshot is completed with the addresses then.
-                if !sync.planned {
+                if programmer.planner.snapshot().is_none() {
                     continue;
                 }
                 tracing::info!(now = ?now, "node addresses changed; replanning NodePorts");
@@ -223,13 +219,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         .await
         .context("programming task")?;
         programmer = returned;
-        if let Some(health_checks) = &outcome.health_checks {
-            sync.health_checks.update(health_checks).await;
+        if let Some(new_health_checks) = &outcome.health_checks {
+            health_checks.update(new_health_checks).await;
         }
         unsettled = !outcome.settled;
         // New maps take over once they hold the source's state, never
         // before its first update (a resync may come first).
-        if outcome.settled && sync.planned && datapath.migrating() {
+        if outcome.settled && programmer.planner.snapshot().is_some() && datapath.migrating() {
             datapath.attach(&config.cgroup, &config.devices, config.xdp_mode)?;
             datapath.finish_migration()?;
             programmer
@@ -239,13 +235,6 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     }
     tracing::info!(bpffs = %config.bpffs.display(), "exiting; the datapath stays pinned and keeps serving");
     Ok(())
-}
-
-/// What the async loop keeps between steps.
-struct SyncLoop {
-    health_checks: HealthCheckServers,
-    /// Whether the source published anything yet.
-    planned: bool,
 }
 
 /// One step of the programmer.

@@ -285,15 +285,8 @@ fn backends_lists_every_backend_with_its_id_and_whether_it_is_local() {
     }
 }
 
-#[test]
-fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
-    let mut node = TestNode::new("epud");
-    let (served, not_served) = ("192.168.0.2", "192.168.1.2");
-    for addr in [served, not_served] {
-        node.netns
-            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
-            .unwrap();
-    }
+/// Service `web` of type NodePort (port 80, nodePort 30080) and its slice.
+fn write_node_port_web(node: &TestNode) {
     node.write(
         "svc.yaml",
         &service("web", &[("http", 80, "TCP")], "  type: NodePort\n").replace(
@@ -305,6 +298,18 @@ fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
         "slice.yaml",
         &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
     );
+}
+
+#[test]
+fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
+    let mut node = TestNode::new("epud");
+    let (served, not_served) = ("192.168.0.2", "192.168.1.2");
+    for addr in [served, not_served] {
+        node.netns
+            .ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    write_node_port_web(&node);
     node.start_agent_with(&["--nodeport-addresses", "192.168.0.0/24"]);
 
     // Rule 11: only addresses inside the CIDRs are NodePort frontends.
@@ -338,17 +343,7 @@ fn scenario_07_nodeport_addresses_outside_the_cidrs_do_not_serve() {
 #[test]
 fn rule_11_nodeport_frontends_follow_addresses_added_to_and_removed_from_the_node() {
     let mut node = TestNode::new("epue");
-    node.write(
-        "svc.yaml",
-        &service("web", &[("http", 80, "TCP")], "  type: NodePort\n").replace(
-            "{name: http, port: 80, protocol: TCP}",
-            "{name: http, port: 80, protocol: TCP, nodePort: 30080}",
-        ),
-    );
-    node.write(
-        "slice.yaml",
-        &slice("web", &[("http", 8080, "TCP")], &BACKENDS),
-    );
+    write_node_port_web(&node);
     node.start_agent_with(&["--nodeport-addresses", "192.168.5.0/24"]);
     let node_ports = |rows: &[Value]| -> Vec<String> {
         let mut frontends: Vec<String> = rows

@@ -93,18 +93,26 @@ pub fn snapshot() -> ClusterSnapshot {
     }
 }
 
-/// A ClusterIP Service in "default" with one TCP port 80.
-pub fn cluster_ip_service(name: &str, cluster_ip: Ipv4Addr) -> ServiceInfo {
+/// A ClusterIP Service with these ports (name, protocol, port).
+pub fn service(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, Protocol, u16)],
+) -> ServiceInfo {
     ServiceInfo {
-        key: key("default", name),
+        key: key(namespace, name),
         service_type: ServiceType::ClusterIp,
-        cluster_ip,
-        ports: vec![ServicePortInfo {
-            name: String::new(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: None,
-        }],
+        cluster_ip: ip(cluster_ip),
+        ports: ports
+            .iter()
+            .map(|&(name, protocol, port)| ServicePortInfo {
+                name: name.to_owned(),
+                protocol,
+                port,
+                node_port: None,
+            })
+            .collect(),
         affinity_timeout: None,
         external_ips: Vec::new(),
         load_balancer_ips: Vec::new(),
@@ -113,6 +121,16 @@ pub fn cluster_ip_service(name: &str, cluster_ip: Ipv4Addr) -> ServiceInfo {
         internal_traffic_local: false,
         health_check_node_port: None,
     }
+}
+
+/// A ClusterIP Service in "default" with one unnamed TCP port 80.
+pub fn cluster_ip_service(name: &str, cluster_ip: Ipv4Addr) -> ServiceInfo {
+    service(
+        "default",
+        name,
+        &cluster_ip.to_string(),
+        &[("", Protocol::Tcp, 80)],
+    )
 }
 
 /// A slice in "default" of `service`'s unnamed TCP port (to 8080), its

@@ -2,41 +2,12 @@ use std::sync::Arc;
 
 use super::*;
 use crate::model::{
-    fixtures::{endpoint, ip, key, node},
+    fixtures::{endpoint, ip, key, node, service},
     objects::SlicePortInfo,
 };
 use FrontendKind::{ClusterIp, ExternalIp, LoadBalancer, NodePort};
 
 use Protocol::{Tcp, Udp};
-
-fn service(
-    namespace: &str,
-    name: &str,
-    cluster_ip: &str,
-    ports: &[(&str, Protocol, u16)],
-) -> ServiceInfo {
-    ServiceInfo {
-        key: key(namespace, name),
-        service_type: ServiceType::ClusterIp,
-        cluster_ip: ip(cluster_ip),
-        ports: ports
-            .iter()
-            .map(|&(name, protocol, port)| ServicePortInfo {
-                name: name.to_owned(),
-                protocol,
-                port,
-                node_port: None,
-            })
-            .collect(),
-        affinity_timeout: None,
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        source_ranges: Vec::new(),
-        external_traffic_local: false,
-        internal_traffic_local: false,
-        health_check_node_port: None,
-    }
-}
 
 fn slice(
     namespace: &str,
