@@ -386,7 +386,7 @@ fn rule_03_nothing_programmed_before_both_lists() {
         frontend(&rows, old_vip, 80, "TCP").is_none(),
         "stale service removed: {rows:#?}"
     );
-    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 30)).len(), 3);
+    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 60)).len(), 3);
     assert_eq!(reply_name(&world.tcp("10.96.0.30:80", 1)[0]), "backend-2");
     assert_eq!(
         world.tcp(&format!("{old_vip}:80"), 1)[0]["errno"],
@@ -524,7 +524,7 @@ fn converges_to_the_same_datapath_as_manifests() {
     assert!(vips.iter().all(|v| *v != "10.96.0.14"), "{vips:?}");
 
     // Traffic through the kube-fed one.
-    let https = world.tcp(&format!("{VIP}:443"), 30);
+    let https = world.tcp(&format!("{VIP}:443"), 60);
     assert_eq!(
         spread(&https).len(),
         3,
@@ -566,7 +566,7 @@ fn watch_changes_apply() {
     world.wait_for("3 backends", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
     });
-    assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
+    assert_eq!(spread(&world.tcp(&to, 60)).len(), 3);
     world.api.apply(http_slice("web-1", "web", &BACKENDS[2..]));
     world.wait_for("1 backend", |rows| {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b == ["10.244.0.13:8080"])
@@ -730,7 +730,7 @@ fn api_server_down_keeps_serving_and_healthz_reports() {
     world.api.apply(http_slice("web-1", "web", &BACKENDS[..2]));
     world.api.delete("Service", "demo", "api").unwrap();
     // The datapath keeps serving its last state.
-    assert_eq!(spread(&world.tcp(&to, 30)).len(), 3);
+    assert_eq!(spread(&world.tcp(&to, 60)).len(), 3);
     let (_, body) = world.wait_healthz("503 with sourceError", |status, body| {
         status == 503 && body.get("sourceError").is_some()
     });
@@ -867,7 +867,7 @@ fn invalid_objects_are_skipped_and_others_work() {
         frontend(rows, VIP, 80, "TCP").is_none()
             && frontend(rows, "10.96.0.30", 80, "TCP").is_some()
     });
-    assert_eq!(spread(&world.tcp("10.96.0.30:80", 30)).len(), 3);
+    assert_eq!(spread(&world.tcp("10.96.0.30:80", 60)).len(), 3);
     world.wait_healthz("200", |status, _| status == 200);
 }
 
@@ -912,7 +912,7 @@ fn bad_input_at_scale() {
         backends_of(rows, VIP, 80, "TCP").is_some_and(|b| b.len() == 3)
             && backends_of(rows, "10.96.0.60", 80, "TCP").is_some_and(|b| b.len() == 1)
     });
-    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 30)).len(), 3);
+    assert_eq!(spread(&world.tcp(&format!("{VIP}:80"), 60)).len(), 3);
     let dup = reply_name(&world.tcp("10.96.0.60:80", 1)[0]);
     assert!(dup == "backend-1" || dup == "backend-2", "{dup}");
     assert!(

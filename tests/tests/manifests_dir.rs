@@ -133,5 +133,5 @@ fn manifests_mounted_from_a_configmap_are_read_through_their_symlinks() {
     node.wait_for("the swapped ConfigMap", |rows| {
         backends_on(rows, 80).len() == 3
     });
-    assert_eq!(spread(&node.tcp(&to, 30)).len(), 3);
+    assert_eq!(spread(&node.tcp(&to, 60)).len(), 3);
 }

@@ -29,7 +29,10 @@ use common::*;
 fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
     let node = TestNode::web("epsa");
 
-    let results = node.tcp(&format!("{VIP}:80"), 100);
+    // Scenario 3 asks for 100 connections; 300 keep its bound (none above
+    // half) while making a false alarm on a fair pick negligible: with 100,
+    // one backend above 50 of them happens about once in 1,700 runs.
+    let results = node.tcp(&format!("{VIP}:80"), 300);
     for result in &results {
         let (_, source) = reply_parts(result);
         assert_eq!(
@@ -42,10 +45,10 @@ fn rules_08_10_cluster_ip_spreads_tcp_and_keeps_the_client_source() {
             "getpeername() shows the frontend"
         );
     }
-    // Scenario 3: 100 connections reach all 3 backends, none above 50%.
+    // Scenario 3: the connections reach all 3 backends, none above 50%.
     let counts = spread(&results);
     assert_eq!(counts.len(), 3, "{counts:?}");
-    assert!(counts.values().all(|n| *n <= 50), "{counts:?}");
+    assert!(counts.values().all(|n| *n <= 150), "{counts:?}");
 }
 
 #[test]
@@ -172,7 +175,7 @@ fn rules_08_10_ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
     let before = counters(node.pins.path());
 
     let tcp_frontend = format!("{}:80", mapped(VIP));
-    let tcp = v6_client(&["tcp", "--to", &tcp_frontend, "--count", "30"]);
+    let tcp = v6_client(&["tcp", "--to", &tcp_frontend, "--count", "60"]);
     for result in &tcp {
         assert_eq!(reply_parts(result).1, CLIENT, "rule 10: {result}");
         assert_eq!(
@@ -198,10 +201,10 @@ fn rules_08_10_ipv6_sockets_reach_ipv4_services_through_mapped_addresses() {
     let after = counters(node.pins.path());
     let added = |name: &str| after[name] - before[name];
     // Unconnected UDP is translated at each sendto(), connected UDP once.
-    assert_eq!(added("translated"), 30 + 5 + 1, "{after:?}");
+    assert_eq!(added("translated"), 60 + 5 + 1, "{after:?}");
     // A getpeername() per TCP connection, a recvfrom() per unconnected
     // query, a getpeername() per connected one (its recv() names no peer).
-    assert_eq!(added("rev_nat_applied"), 30 + 5 + 5, "{after:?}");
+    assert_eq!(added("rev_nat_applied"), 60 + 5 + 5, "{after:?}");
 
     // Rule 9 through a mapped address: an undefined port is refused.
     let undefined = v6_client(&["tcp", "--to", &format!("{}:81", mapped(VIP))]);
@@ -331,11 +334,11 @@ fn rule_23_affinity_expires_after_its_timeout() {
     node.start_agent();
 
     // Each round waits out the timeout (whole seconds, so more than 2 s),
-    // then connects once. With affinity expiring, 7 rounds on 3 backends
-    // all landing on one has probability 3^-6.
+    // then connects once. With affinity expiring, 10 rounds on 3 backends
+    // all landing on one has probability 3^-9.
     let to = format!("{VIP}:80");
     let mut seen = BTreeMap::new();
-    for _ in 0..7 {
+    for _ in 0..10 {
         thread::sleep(Duration::from_millis(2100));
         *seen.entry(reply_name(&node.tcp(&to, 1)[0])).or_insert(0) += 1;
     }
@@ -448,7 +451,7 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
         rows == programmed.as_slice()
     });
     assert_eq!(backends.get(&id, 0).unwrap().port, 8080u16.to_be());
-    let results = node.tcp(&to, 30);
+    let results = node.tcp(&to, 60);
     assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
     assert_eq!(spread(&results).len(), 3);
 }
