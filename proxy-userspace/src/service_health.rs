@@ -122,10 +122,7 @@ mod tests {
 
     fn check(local_ready: usize, local_serving_terminating: usize) -> HealthCheck {
         HealthCheck {
-            service: ObjectKey {
-                namespace: "demo".into(),
-                name: "web".into(),
-            },
+            service: ObjectKey::new("demo", "web"),
             node_port: 32000,
             local_ready,
             local_serving_terminating,

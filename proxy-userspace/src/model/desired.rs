@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -15,12 +16,46 @@ use super::{
     objects::{EndpointInfo, ServiceInfo, ServicePortInfo, ServiceType, SliceInfo},
 };
 
-/// The unit of proxying (rule 4).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ServicePortName {
+/// The unit of proxying (rule 4). Shared like [`ObjectKey`]: the desired
+/// state, the frontend claims and the reconciler's ids all hold it.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName(Arc<ServicePortNameFields>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServicePortNameFields {
     pub service: ObjectKey,
     pub port_name: String,
     pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    pub fn new(service: ObjectKey, port_name: impl Into<String>, protocol: Protocol) -> Self {
+        Self(Arc::new(ServicePortNameFields {
+            service,
+            port_name: port_name.into(),
+            protocol,
+        }))
+    }
+}
+
+impl std::ops::Deref for ServicePortName {
+    type Target = ServicePortNameFields;
+
+    fn deref(&self) -> &ServicePortNameFields {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ServicePortName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for ServicePortName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl std::fmt::Display for ServicePortName {
@@ -98,7 +133,8 @@ pub struct ServicePortPlan {
     pub affinity_timeout: Option<u32>,
     /// The port's endpoints on this node (rule 6), whatever their
     /// conditions: external flows to them need no source NAT (rule 17).
-    pub local_backends: BTreeSet<BackendAddr>,
+    /// Sorted, without duplicates.
+    pub local_backends: Vec<BackendAddr>,
 }
 
 /// Rule 32: a `healthCheckNodePort` this node answers.
@@ -178,11 +214,7 @@ pub(super) fn service_plan(
         .iter()
         .zip(&endpoints)
         .map(|(port, port_endpoints)| {
-            let name = ServicePortName {
-                service: service.key.clone(),
-                port_name: port.name.clone(),
-                protocol: port.protocol,
-            };
+            let name = ServicePortName::new(service.key.clone(), port.name.clone(), port.protocol);
             (name, port_plan(node, service, port, port_endpoints))
         })
         .collect();
@@ -277,10 +309,14 @@ fn port_plan(
         .map(|(kind, frontend)| external_plan(service, kind, frontend, &sets));
     // An address listed twice in one port is served once, by its first kind.
     let mut seen = HashSet::new();
-    let frontends = std::iter::once(cluster_ip_plan(service, cluster_ip, &sets))
-        .chain(externally_reachable)
-        .filter(|plan| seen.insert(plan.frontend))
-        .collect();
+    let mut frontends: Vec<FrontendPlan> =
+        std::iter::once(cluster_ip_plan(service, cluster_ip, &sets))
+            .chain(externally_reachable)
+            .filter(|plan| seen.insert(plan.frontend))
+            .collect();
+    // Plans live as long as their Service: no room for frontends that
+    // will not come (a filtered collect reserves four).
+    frontends.shrink_to_fit();
     ServicePortPlan {
         frontends,
         affinity_timeout: service.affinity_timeout,

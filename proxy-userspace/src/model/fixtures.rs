@@ -61,10 +61,7 @@ pub fn endpoint(addr: &str, ready: bool, serving: bool, terminating: bool) -> En
 }
 
 pub fn key(namespace: &str, name: &str) -> ObjectKey {
-    ObjectKey {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-    }
+    ObjectKey::new(namespace, name)
 }
 
 const NAMESPACES: [&str; 2] = ["default", "team"];
@@ -218,7 +215,7 @@ fn random_slice(rng: &mut Rng, key: ObjectKey) -> SliceInfo {
                 ready,
                 serving: ready || rng.chance(50),
                 terminating: !ready && rng.chance(60),
-                node_name: rng.pick(&[Some("node1".to_owned()), Some("node2".to_owned()), None]),
+                node_name: rng.pick(&[Some("node1".into()), Some("node2".into()), None]),
                 zone_hints: match rng.below(3) {
                     0 => vec![rng.pick(&["zone-a", "zone-b"]).to_owned()],
                     _ => Vec::new(),

@@ -9,6 +9,7 @@
 use std::{
     collections::HashSet,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use ipnet::Ipv4Net;
@@ -23,11 +24,45 @@ pub use endpoint_slice::{endpoint_slice, endpoints};
 pub use node::node;
 pub use service::service;
 
-/// Namespace and name of an object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ObjectKey {
+/// Namespace and name of an object. Shared: one key sits in the source's
+/// store, the snapshot and every index the planner and reconciler keep, so
+/// a clone is a reference count, not two strings.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey(Arc<ObjectKeyFields>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectKeyFields {
     pub namespace: String,
     pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self(Arc::new(ObjectKeyFields {
+            namespace: namespace.into(),
+            name: name.into(),
+        }))
+    }
+}
+
+impl std::ops::Deref for ObjectKey {
+    type Target = ObjectKeyFields;
+
+    fn deref(&self) -> &ObjectKeyFields {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl std::fmt::Display for ObjectKey {
@@ -91,6 +126,18 @@ pub struct ServicePortInfo {
     pub node_port: Option<u16>,
 }
 
+impl ServiceInfo {
+    /// Without the spare room collecting left in its vectors: a validated
+    /// object is kept as long as it exists.
+    fn shrunk(mut self) -> Self {
+        self.ports.shrink_to_fit();
+        self.external_ips.shrink_to_fit();
+        self.load_balancer_ips.shrink_to_fit();
+        self.source_ranges.shrink_to_fit();
+        self
+    }
+}
+
 /// A proxied EndpointSlice (addressType IPv4).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
@@ -104,11 +151,18 @@ pub struct SliceInfo {
 impl SliceInfo {
     /// Rule 5: a slice belongs to the Service it names, in its own
     /// namespace.
-    pub fn service_key(&self) -> ObjectKey {
-        ObjectKey {
-            namespace: self.key.namespace.clone(),
-            name: self.service.clone(),
+    /// As [`ServiceInfo::shrunk`].
+    fn shrunk(mut self) -> Self {
+        self.ports.shrink_to_fit();
+        self.endpoints.shrink_to_fit();
+        for endpoint in &mut self.endpoints {
+            endpoint.zone_hints.shrink_to_fit();
         }
+        self
+    }
+
+    pub fn service_key(&self) -> ObjectKey {
+        ObjectKey::new(self.key.namespace.clone(), self.service.clone())
     }
 }
 
@@ -128,7 +182,8 @@ pub struct EndpointInfo {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    /// Shared by the slice's endpoints on one node.
+    pub node_name: Option<Arc<str>>,
     /// `hints.forZones[].name`; empty when the endpoint has no zone hints.
     pub zone_hints: Vec<String>,
 }
@@ -208,10 +263,7 @@ fn object_key(meta: &ObjectMeta) -> Result<ObjectKey, InvalidObject> {
         .as_deref()
         .filter(|namespace| !namespace.is_empty())
         .unwrap_or("default");
-    Ok(ObjectKey {
-        namespace: namespace.to_owned(),
-        name: name.to_owned(),
-    })
+    Ok(ObjectKey::new(namespace, name))
 }
 
 fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {

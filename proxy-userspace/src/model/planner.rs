@@ -134,8 +134,16 @@ impl Planner {
                 services.insert(service);
             }
             if let Some(new) = new {
+                // The Service's own key when it exists: stored once.
                 let service = new.service_key();
-                let slices = self.slices_of.entry(service.clone()).or_default();
+                let service = match snapshot.services.get_key_value(&service) {
+                    Some((own, _)) => own.clone(),
+                    None => service,
+                };
+                let slices = self
+                    .slices_of
+                    .entry(service.clone())
+                    .or_insert_with(|| Vec::with_capacity(1));
                 if let Err(at) = slices.binary_search(&key) {
                     slices.insert(at, key);
                 }
@@ -253,7 +261,11 @@ impl Planner {
     /// A frontend's claimants settle it again: every one of them is
     /// touched (the first may change).
     fn claim(&mut self, frontend: Frontend, name: &ServicePortName, change: &mut PlanChange) {
-        let claimants = self.claims.entry(frontend).or_default();
+        // Most frontends have one claimant: room for one, not four.
+        let claimants = self
+            .claims
+            .entry(frontend)
+            .or_insert_with(|| Vec::with_capacity(1));
         if let Err(at) = claimants.binary_search(name) {
             claimants.insert(at, name.clone());
         }

@@ -92,9 +92,62 @@ impl<T: Ord + Clone> IdAllocator<T> {
     }
 }
 
+/// The ids of a service port's few items (frontends, backends), sorted by
+/// item. A vector: most ports have one frontend and a handful of backends,
+/// and a B-tree's first node alone has room for eleven; a full sync holds
+/// one of these per port at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdTable<K>(Vec<(K, u32)>);
+
+impl<K: Ord> IdTable<K> {
+    pub fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(key, _)| key)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &u32> {
+        self.0.iter().map(|(_, id)| id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &(K, u32)> {
+        self.0.iter()
+    }
+}
+
+impl<K: Ord> FromIterator<(K, u32)> for IdTable<K> {
+    /// An item listed twice keeps one entry (its id is the same).
+    fn from_iter<I: IntoIterator<Item = (K, u32)>>(items: I) -> Self {
+        let mut table: Vec<(K, u32)> = items.into_iter().collect();
+        table.sort_by(|a, b| a.0.cmp(&b.0));
+        table.dedup_by(|a, b| a.0 == b.0);
+        table.shrink_to_fit();
+        Self(table)
+    }
+}
+
+impl<K: Ord> std::ops::Index<&K> for IdTable<K> {
+    type Output = u32;
+
+    /// Panics when `item` has no id, as a map's index does.
+    fn index(&self, item: &K) -> &u32 {
+        let at = self
+            .0
+            .binary_search_by(|(key, _)| key.cmp(item))
+            .expect("an item of this table");
+        &self.0[at].1
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_id_table_finds_each_item_once() {
+        let table: IdTable<&str> = [("b", 2), ("a", 1), ("b", 2)].into_iter().collect();
+        assert_eq!(table.keys().copied().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(table[&"b"], 2);
+        assert_eq!(table[&"a"], 1);
+    }
 
     #[test]
     fn ids_are_stable_and_never_zero() {

@@ -10,8 +10,10 @@ use crate::maps::codec;
 
 #[derive(Debug, Default)]
 pub(super) struct Index {
-    /// Masters (slot 0) by the service-port id they carry.
-    pub masters_by_svc: BTreeMap<u32, BTreeSet<ServiceKey>>,
+    /// Masters (slot 0) by the service-port id they carry, sorted (a
+    /// vector: most service ports have one or two frontends, and a set's
+    /// node would cost ten times that).
+    pub masters_by_svc: BTreeMap<u32, Vec<ServiceKey>>,
     /// Rule 9 entries held.
     pub wildcards: BTreeSet<ServiceKey>,
     /// How many masters name each rev-NAT id.
@@ -50,10 +52,13 @@ impl Index {
             self.wildcards.insert(*key);
         }
         if value.svc_id != 0 {
-            self.masters_by_svc
+            let masters = self
+                .masters_by_svc
                 .entry(value.svc_id)
-                .or_default()
-                .insert(*key);
+                .or_insert_with(|| Vec::with_capacity(1));
+            if let Err(at) = masters.binary_search(key) {
+                masters.insert(at, *key);
+            }
         }
         if value.rev_nat_id != 0 {
             *self.rev_nat_names.entry(value.rev_nat_id).or_default() += 1;
@@ -67,7 +72,9 @@ impl Index {
         }
         self.wildcards.remove(key);
         if let Some(masters) = self.masters_by_svc.get_mut(&value.svc_id) {
-            masters.remove(key);
+            if let Ok(at) = masters.binary_search(key) {
+                masters.remove(at);
+            }
             if masters.is_empty() {
                 self.masters_by_svc.remove(&value.svc_id);
             }

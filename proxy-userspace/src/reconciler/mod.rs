@@ -51,7 +51,7 @@ use crate::{
         maglev::{self, TableSize},
     },
 };
-use ids::IdAllocator;
+use ids::{IdAllocator, IdTable};
 use index::Index;
 
 /// The maps the reconciler writes (the datapath writes the others).
@@ -267,7 +267,7 @@ fn masters(plan: &ServicePortPlan) -> Vec<MasterPlan<'_>> {
 
 /// A backend as the port's slots refer to it: local or not (rule 6).
 fn port_backend(plan: &ServicePortPlan, backend: &BackendAddr) -> Backend {
-    codec::backend(backend, plan.local_backends.contains(backend))
+    codec::backend(backend, plan.local_backends.binary_search(backend).is_ok())
 }
 
 /// Entries one service port wants, with ids resolved.
@@ -277,9 +277,9 @@ struct PortEntries<'a> {
     svc_id: u32,
     masters: Vec<MasterPlan<'a>>,
     /// Every backend one of `masters` selects, with its id.
-    backend_ids: BTreeMap<BackendAddr, u32>,
+    backend_ids: IdTable<BackendAddr>,
     /// The rev-NAT id of every frontend of `masters`.
-    rev_nat_ids: BTreeMap<Frontend, u32>,
+    rev_nat_ids: IdTable<Frontend>,
 }
 
 impl PortEntries<'_> {
@@ -406,7 +406,7 @@ impl PortEntries<'_> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct MaglevBuild {
     size: TableSize,
-    backend_ids: BTreeMap<BackendAddr, u32>,
+    backend_ids: IdTable<BackendAddr>,
 }
 
 impl MaglevBuild {
@@ -853,7 +853,7 @@ impl<D: Datapath> Reconciler<D> {
             self.delete_service(wildcard)?;
             report.wildcards_deleted += 1;
         }
-        for (addr, id) in &port.backend_ids {
+        for (addr, id) in port.backend_ids.iter() {
             let backend = port_backend(port.plan, addr);
             if self.backends.get(id) != Some(&backend) {
                 self.datapath.put_backend(*id, backend)?;

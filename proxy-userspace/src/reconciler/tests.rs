@@ -8,14 +8,7 @@ use crate::{
 };
 
 fn port_name(service: &str) -> ServicePortName {
-    ServicePortName {
-        service: ObjectKey {
-            namespace: "default".into(),
-            name: service.into(),
-        },
-        port_name: "http".into(),
-        protocol: Protocol::Tcp,
-    }
+    ServicePortName::new(ObjectKey::new("default", service), "http", Protocol::Tcp)
 }
 
 fn frontend(last: u8) -> Frontend {
@@ -68,7 +61,7 @@ fn plan(frontend_last: u8, backends: &[u8], affinity: Option<u32>) -> ServicePor
             selection(backends, WhenEmpty::Reject),
         )],
         affinity_timeout: affinity,
-        local_backends: BTreeSet::new(),
+        local_backends: Vec::new(),
     }
 }
 
@@ -451,7 +444,7 @@ fn rule_18_19_drop_flag_when_only_other_frontends_have_endpoints() {
             selection(&[], WhenEmpty::Drop),
         )],
         affinity_timeout: None,
-        local_backends: BTreeSet::new(),
+        local_backends: Vec::new(),
     };
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", dropping)]));
@@ -583,7 +576,7 @@ fn rule_19_frontends_of_one_port_program_their_own_sets() {
                 ),
             ],
             affinity_timeout: Some(60),
-            local_backends: BTreeSet::new(),
+            local_backends: Vec::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
@@ -717,7 +710,7 @@ fn rule_15_load_balancer_ip_with_source_ranges_is_not_intercepted() {
                 with_ranges.clone(),
             ],
             affinity_timeout: None,
-            local_backends: BTreeSet::new(),
+            local_backends: Vec::new(),
         },
     )]);
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
@@ -802,7 +795,7 @@ fn port_plan(frontends: Vec<FrontendPlan>, affinity: Option<u32>) -> ServicePort
     ServicePortPlan {
         frontends,
         affinity_timeout: affinity,
-        local_backends: BTreeSet::new(),
+        local_backends: Vec::new(),
     }
 }
 
@@ -1017,7 +1010,7 @@ fn rev_nat_entry_left_by_a_crash_before_its_master_is_not_reused_and_goes() {
 #[test]
 fn rule_06_17_local_backends_carry_the_local_flag() {
     let mut plan = node_port_local();
-    plan.local_backends = BTreeSet::from([backend(11)]);
+    plan.local_backends = vec![backend(11)];
     let mut reconciler = Reconciler::new(MemoryDatapath::default()).unwrap();
     reconciler.sync(&desired(&[("web", plan.clone())]));
     let datapath = reconciler.datapath();
@@ -1673,7 +1666,7 @@ fn rule_18_maglev_table_goes_when_the_external_selection_empties() {
 #[test]
 fn rule_06_maglev_table_follows_a_backend_whose_id_changes() {
     let mut plan = load_balancer(&[11, 12], None);
-    plan.local_backends = BTreeSet::from([backend(11)]);
+    plan.local_backends = vec![backend(11)];
     let mut reconciler = Reconciler::new(MemoryDatapath::default())
         .unwrap()
         .with_maglev_table_size(small_table());

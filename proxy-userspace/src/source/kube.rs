@@ -269,7 +269,7 @@ struct Store<T> {
     reported: BTreeSet<(ObjectKey, String)>,
 }
 
-impl<T: Clone> Store<T> {
+impl<T: Clone + Keyed> Store<T> {
     fn new(kind: &'static str, resource: &'static str) -> Self {
         Self {
             kind,
@@ -378,6 +378,11 @@ impl<T: Clone> Store<T> {
                 last_good
             }
         };
+        // The validated object's own key, so the key is stored once.
+        let key = match entry.as_deref().and_then(Keyed::own_key) {
+            Some(own) if *own == key => own.clone(),
+            _ => key,
+        };
         if self.listing.is_none() {
             self.touched.insert(key.clone());
         }
@@ -389,12 +394,36 @@ impl<T: Clone> Store<T> {
     }
 }
 
-fn object_key<K: Resource>(object: &K) -> ObjectKey {
-    ObjectKey {
-        // As the model keys objects; Nodes are cluster-scoped and keyed by name.
-        namespace: object.namespace().unwrap_or_else(|| "default".into()),
-        name: object.name_any(),
+/// A validated object that carries its key.
+trait Keyed {
+    fn own_key(&self) -> Option<&ObjectKey>;
+}
+
+impl Keyed for ServiceInfo {
+    fn own_key(&self) -> Option<&ObjectKey> {
+        Some(&self.key)
     }
+}
+
+impl Keyed for SliceInfo {
+    fn own_key(&self) -> Option<&ObjectKey> {
+        Some(&self.key)
+    }
+}
+
+/// Nodes are keyed by name only.
+impl Keyed for NodeInfo {
+    fn own_key(&self) -> Option<&ObjectKey> {
+        None
+    }
+}
+
+fn object_key<K: Resource>(object: &K) -> ObjectKey {
+    // As the model keys objects; Nodes are cluster-scoped and keyed by name.
+    ObjectKey::new(
+        object.namespace().unwrap_or_else(|| "default".into()),
+        object.name_any(),
+    )
 }
 
 /// A client from a kubeconfig file, or from the in-cluster configuration.

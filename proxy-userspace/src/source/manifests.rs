@@ -434,7 +434,7 @@ fn object_id(item: &Value) -> Option<ObjectId> {
         .to_string();
     Some(ObjectId {
         kind,
-        key: ObjectKey { namespace, name },
+        key: ObjectKey::new(namespace, name),
     })
 }
 

@@ -67,11 +67,7 @@ fn snapshot(
 }
 
 fn port_name(namespace: &str, name: &str, port_name: &str, protocol: Protocol) -> ServicePortName {
-    ServicePortName {
-        service: key(namespace, name),
-        port_name: port_name.to_owned(),
-        protocol,
-    }
+    ServicePortName::new(key(namespace, name), port_name, protocol)
 }
 
 fn frontend(addr: &str, port: u16, protocol: Protocol) -> Frontend {
@@ -175,7 +171,7 @@ fn rule_08_cluster_ip_frontend_and_backends() {
                     reject(backends(&[("10.244.1.5", 8080), ("10.244.1.6", 8080)], Tcp)),
                 )],
                 affinity_timeout: Some(600),
-                local_backends: BTreeSet::new(),
+                local_backends: Vec::new(),
             },
         )]),
         conflicts: vec![],
@@ -626,7 +622,7 @@ fn rule_28_no_endpoints_gives_empty_set() {
                     reject(vec![]),
                 )],
                 affinity_timeout: None,
-                local_backends: BTreeSet::new(),
+                local_backends: Vec::new(),
             },
         ),
         (
@@ -637,7 +633,7 @@ fn rule_28_no_endpoints_gives_empty_set() {
                     reject(vec![]),
                 )],
                 affinity_timeout: None,
-                local_backends: BTreeSet::new(),
+                local_backends: Vec::new(),
             },
         ),
     ]);
@@ -716,7 +712,7 @@ fn frontend_conflict_within_one_service() {
 
 fn on_node(endpoint: EndpointInfo, node: &str) -> EndpointInfo {
     EndpointInfo {
-        node_name: Some(node.to_owned()),
+        node_name: Some(node.into()),
         ..endpoint
     }
 }
@@ -864,9 +860,8 @@ fn rule_06_local_backends_are_the_endpoints_on_this_node() {
             ready("10.0.0.5"),
         ],
     );
-    let local: Vec<BackendAddr> = plan.local_backends.into_iter().collect();
     assert_eq!(
-        local,
+        plan.local_backends,
         backends(
             &[("10.0.0.1", 8080), ("10.0.0.2", 8080), ("10.0.0.3", 8080)],
             Tcp
@@ -921,9 +916,7 @@ fn rule_06_local_backends_carry_each_port_s_backend_port() {
     for (port, backend_port) in [("http", 8080), ("metrics", 9091)] {
         assert_eq!(
             state.ports[&port_name("default", "web", port, Tcp)].local_backends,
-            backends(&[("10.0.0.1", backend_port)], Tcp)
-                .into_iter()
-                .collect::<BTreeSet<_>>(),
+            backends(&[("10.0.0.1", backend_port)], Tcp),
             "{port}"
         );
     }

@@ -1,7 +1,7 @@
 //! EndpointSlices (rules 1, 5, 6) and the slices v1/Endpoints mirror to
 //! (rule 7).
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{EndpointAddress, EndpointSubset, Endpoints},
@@ -46,17 +46,21 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Admission<SliceInfo>, Inv
             .map(|p| (p.name.as_deref(), p.port, p.protocol.as_deref())),
         SLICE_PORT_FIELDS,
     )?;
+    let mut nodes = NodeNames::default();
     let endpoints = slice
         .endpoints
         .iter()
-        .map(slice_endpoint)
+        .map(|endpoint| slice_endpoint(endpoint, &mut nodes))
         .collect::<Result<_, _>>()?;
-    Ok(Admission::Proxied(SliceInfo {
-        key,
-        service: service.to_owned(),
-        ports,
-        endpoints,
-    }))
+    Ok(Admission::Proxied(
+        SliceInfo {
+            key,
+            service: service.to_owned(),
+            ports,
+            endpoints,
+        }
+        .shrunk(),
+    ))
 }
 
 /// Rule 7: `v1/Endpoints` become the slices the cluster would mirror.
@@ -126,7 +130,10 @@ fn slice_ports<'a>(
 }
 
 /// Rules 5 and 6.
-fn slice_endpoint(endpoint: &Endpoint) -> Result<EndpointInfo, InvalidObject> {
+fn slice_endpoint(
+    endpoint: &Endpoint,
+    nodes: &mut NodeNames,
+) -> Result<EndpointInfo, InvalidObject> {
     const FIELD: &str = "endpoints[].addresses";
     let address = endpoint
         .addresses
@@ -144,7 +151,7 @@ fn slice_endpoint(endpoint: &Endpoint) -> Result<EndpointInfo, InvalidObject> {
         ready: conditions.and_then(|c| c.ready).unwrap_or(true),
         serving: conditions.and_then(|c| c.serving).unwrap_or(true),
         terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        node_name: endpoint.node_name.clone(),
+        node_name: endpoint.node_name.as_deref().map(|name| nodes.shared(name)),
         zone_hints,
     })
 }
@@ -174,14 +181,15 @@ fn mirrored_slice(
         "subsets[].notReadyAddresses[].ip",
     )?);
     Ok(SliceInfo {
-        key: ObjectKey {
-            namespace: key.namespace.clone(),
-            name: format!("{}-mirrored-{index}", key.name),
-        },
+        key: ObjectKey::new(
+            key.namespace.clone(),
+            format!("{}-mirrored-{index}", key.name),
+        ),
         service: key.name.clone(),
         ports: slice_ports(ports, SUBSET_PORT_FIELDS)?,
         endpoints,
-    })
+    }
+    .shrunk())
 }
 
 /// Mirrored endpoints are serving exactly when ready and never terminating.
@@ -191,6 +199,7 @@ fn mirrored_endpoints(
     field: &'static str,
 ) -> Result<Vec<EndpointInfo>, InvalidObject> {
     let mut endpoints = Vec::new();
+    let mut nodes = NodeNames::default();
     for address in addresses.unwrap_or_default() {
         // IPv6 addresses belong to the other family's datapath (rule 35).
         if let IpAddr::V4(ip) = parse_ip(field, &address.ip)? {
@@ -199,10 +208,26 @@ fn mirrored_endpoints(
                 ready,
                 serving: ready,
                 terminating: false,
-                node_name: address.node_name.clone(),
+                node_name: address.node_name.as_deref().map(|name| nodes.shared(name)),
                 zone_hints: Vec::new(),
             });
         }
     }
     Ok(endpoints)
+}
+
+/// The node names of one slice's endpoints, each stored once: a slice's
+/// endpoints sit on a few nodes.
+#[derive(Default)]
+struct NodeNames(Vec<Arc<str>>);
+
+impl NodeNames {
+    fn shared(&mut self, name: &str) -> Arc<str> {
+        if let Some(known) = self.0.iter().find(|known| ***known == *name) {
+            return known.clone();
+        }
+        let name: Arc<str> = name.into();
+        self.0.push(name.clone());
+        name
+    }
 }

@@ -32,22 +32,29 @@ pub fn service(svc: &Service) -> Result<Admission<ServiceInfo>, InvalidObject> {
         "spec.externalTrafficPolicy",
         spec.external_traffic_policy.as_deref(),
     )?;
-    Ok(Admission::Proxied(ServiceInfo {
-        key,
-        service_type,
-        cluster_ip,
-        ports: service_ports(spec)?,
-        affinity_timeout: affinity_timeout(spec)?,
-        external_ips: external_ips(spec)?,
-        load_balancer_ips: load_balancer_ips(svc.status.as_ref())?,
-        source_ranges: source_ranges(spec)?,
-        external_traffic_local,
-        internal_traffic_local: traffic_policy_local(
-            "spec.internalTrafficPolicy",
-            spec.internal_traffic_policy.as_deref(),
-        )?,
-        health_check_node_port: health_check_node_port(spec, service_type, external_traffic_local)?,
-    }))
+    Ok(Admission::Proxied(
+        ServiceInfo {
+            key,
+            service_type,
+            cluster_ip,
+            ports: service_ports(spec)?,
+            affinity_timeout: affinity_timeout(spec)?,
+            external_ips: external_ips(spec)?,
+            load_balancer_ips: load_balancer_ips(svc.status.as_ref())?,
+            source_ranges: source_ranges(spec)?,
+            external_traffic_local,
+            internal_traffic_local: traffic_policy_local(
+                "spec.internalTrafficPolicy",
+                spec.internal_traffic_policy.as_deref(),
+            )?,
+            health_check_node_port: health_check_node_port(
+                spec,
+                service_type,
+                external_traffic_local,
+            )?,
+        }
+        .shrunk(),
+    ))
 }
 
 /// Rule 23: the API server's default and maximum.

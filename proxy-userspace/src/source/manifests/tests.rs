@@ -40,10 +40,7 @@ fn write(dir: &Path, file: &str, text: &str) {
 }
 
 fn key(name: &str) -> ObjectKey {
-    ObjectKey {
-        namespace: "demo".into(),
-        name: name.into(),
-    }
+    ObjectKey::new("demo", name)
 }
 
 fn cluster_ip(snapshot: &ClusterSnapshot, name: &str) -> Option<Ipv4Addr> {
