@@ -90,8 +90,8 @@ impl HealthCheckServers {
 fn respond(check: &HealthCheck, proxy_healthy: bool) -> Response {
     let body = serde_json::json!({
         "service": {
-            "namespace": check.service.namespace,
-            "name": check.service.name,
+            "namespace": check.service.namespace(),
+            "name": check.service.name(),
         },
         "localEndpoints": check.local_ready,
         "serviceProxyHealthy": proxy_healthy,

@@ -252,7 +252,7 @@ fn slices_by_service(snapshot: &ClusterSnapshot) -> BTreeMap<ObjectKey, Vec<&Sli
     let mut by_service: BTreeMap<ObjectKey, Vec<&SliceInfo>> = BTreeMap::new();
     for slice in snapshot.slices.values() {
         by_service
-            .entry(slice.service_key())
+            .entry(slice.service.clone())
             .or_default()
             .push(slice.as_ref());
     }

@@ -135,7 +135,7 @@ pub fn cluster_ip_service(name: &str, cluster_ip: Ipv4Addr) -> ServiceInfo {
 pub fn ready_slice(name: &str, service: &str, addrs: &[Ipv4Addr]) -> SliceInfo {
     SliceInfo {
         key: key("default", name),
-        service: service.to_owned(),
+        service: key("default", service),
         ports: vec![SlicePortInfo {
             name: String::new(),
             protocol: Protocol::Tcp,
@@ -224,7 +224,7 @@ fn random_slice(rng: &mut Rng, key: ObjectKey) -> SliceInfo {
         })
         .collect();
     SliceInfo {
-        service: rng.pick(&SERVICES).to_owned(),
+        service: ObjectKey::new(key.namespace(), rng.pick(&SERVICES)),
         key,
         ports,
         endpoints,

@@ -24,50 +24,74 @@ pub use endpoint_slice::{endpoint_slice, endpoints};
 pub use node::node;
 pub use service::service;
 
-/// Namespace and name of an object. Shared: one key sits in the source's
-/// store, the snapshot and every index the planner and reconciler keep, so
-/// a clone is a reference count, not two strings.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey(Arc<ObjectKeyFields>);
-
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct ObjectKeyFields {
-    pub namespace: String,
-    pub name: String,
+/// Namespace and name of an object, in one shared allocation: one key sits
+/// in the source's store, the snapshot and every index the planner and
+/// reconciler keep, so a clone is a reference count.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ObjectKey {
+    /// The namespace, then the name.
+    text: Arc<str>,
+    /// Where the name starts in `text`.
+    name_at: u32,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self(Arc::new(ObjectKeyFields {
-            namespace: namespace.into(),
-            name: name.into(),
-        }))
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        let (namespace, name) = (namespace.as_ref(), name.as_ref());
+        let mut text = String::with_capacity(namespace.len() + name.len());
+        text.push_str(namespace);
+        text.push_str(name);
+        Self {
+            text: text.into(),
+            // Both come from an object that fit in memory; a namespace of
+            // 4 GiB would already have been refused by the API server.
+            name_at: u32::try_from(namespace.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.text[..self.name_at as usize]
+    }
+
+    pub fn name(&self) -> &str {
+        &self.text[self.name_at as usize..]
     }
 }
 
-impl std::ops::Deref for ObjectKey {
-    type Target = ObjectKeyFields;
+impl Ord for ObjectKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
 
-    fn deref(&self) -> &ObjectKeyFields {
-        &self.0
+impl PartialOrd for ObjectKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
     }
 }
 
 impl std::fmt::Debug for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        f.debug_struct("ObjectKey")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
     }
 }
 
 impl Serialize for ObjectKey {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
+        use serde::ser::SerializeStruct;
+        let mut key = serializer.serialize_struct("ObjectKey", 2)?;
+        key.serialize_field("namespace", self.namespace())?;
+        key.serialize_field("name", self.name())?;
+        key.end()
     }
 }
 
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        write!(f, "{}/{}", self.namespace(), self.name())
     }
 }
 
@@ -142,15 +166,14 @@ impl ServiceInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
     pub key: ObjectKey,
-    /// The Service named by the `kubernetes.io/service-name` label.
-    pub service: String,
+    /// The Service named by the `kubernetes.io/service-name` label, in the
+    /// slice's own namespace (rule 5).
+    pub service: ObjectKey,
     pub ports: Vec<SlicePortInfo>,
     pub endpoints: Vec<EndpointInfo>,
 }
 
 impl SliceInfo {
-    /// Rule 5: a slice belongs to the Service it names, in its own
-    /// namespace.
     /// As [`ServiceInfo::shrunk`].
     fn shrunk(mut self) -> Self {
         self.ports.shrink_to_fit();
@@ -159,10 +182,6 @@ impl SliceInfo {
             endpoint.zone_hints.shrink_to_fit();
         }
         self
-    }
-
-    pub fn service_key(&self) -> ObjectKey {
-        ObjectKey::new(self.key.namespace.clone(), self.service.clone())
     }
 }
 

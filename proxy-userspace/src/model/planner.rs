@@ -106,14 +106,21 @@ impl Planner {
         let first = self.last.is_none();
         let mut snapshot = self.last.take().unwrap_or_default();
         // The value each changed Service had before (first change wins).
+        // The first snapshot plans everything and had nothing before: it
+        // keeps no such record, which at 100k Services would be megabytes
+        // freed right after, between the plans that stay.
         let mut before: BTreeMap<ObjectKey, Option<Arc<ServiceInfo>>> = BTreeMap::new();
         for (key, new) in changes.services {
             let old = put(&mut snapshot.services, key.clone(), new.clone());
-            if !same(&old, &new) {
+            if !first && !same(&old, &new) {
                 before.entry(key).or_insert(old);
             }
         }
-        change.services_changed = before.len() as u64;
+        change.services_changed = if first {
+            snapshot.services.len()
+        } else {
+            before.len()
+        } as u64;
         let mut services: BTreeSet<ObjectKey> = before.keys().cloned().collect();
         for (key, new) in changes.slices {
             let old = put(&mut snapshot.slices, key.clone(), new.clone());
@@ -122,7 +129,7 @@ impl Planner {
             }
             change.slices_changed += 1;
             if let Some(old) = old {
-                let service = old.service_key();
+                let service = old.service.clone();
                 if let Some(slices) = self.slices_of.get_mut(&service) {
                     if let Ok(at) = slices.binary_search(&key) {
                         slices.remove(at);
@@ -134,12 +141,7 @@ impl Planner {
                 services.insert(service);
             }
             if let Some(new) = new {
-                // The Service's own key when it exists: stored once.
-                let service = new.service_key();
-                let service = match snapshot.services.get_key_value(&service) {
-                    Some((own, _)) => own.clone(),
-                    None => service,
-                };
+                let service = new.service.clone();
                 let slices = self
                     .slices_of
                     .entry(service.clone())
@@ -147,7 +149,9 @@ impl Planner {
                 if let Err(at) = slices.binary_search(&key) {
                     slices.insert(at, key);
                 }
-                services.insert(service);
+                if !first {
+                    services.insert(service);
+                }
             }
         }
         if let Some(node_name) = changes.node_name {
@@ -163,13 +167,21 @@ impl Planner {
             snapshot.nodeport_addresses = nodeport_addresses;
         }
         let node = NodeView::of(&snapshot);
-        if first || node != self.node {
+        let replanned: Vec<ObjectKey> = if first || node != self.node {
             change.everything = true;
-            services.extend(snapshot.services.keys().cloned());
             self.node = node;
-        }
-        for key in &services {
+            // Every Service, and those just removed.
+            let removed = services
+                .iter()
+                .filter(|key| !snapshot.services.contains_key(*key))
+                .cloned();
+            snapshot.services.keys().cloned().chain(removed).collect()
+        } else {
+            services.into_iter().collect()
+        };
+        for key in &replanned {
             let old = match before.get(key) {
+                _ if first => None,
                 Some(old) => old.as_deref(),
                 None => snapshot.services.get(key).map(Arc::as_ref),
             };

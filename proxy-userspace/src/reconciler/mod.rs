@@ -653,6 +653,13 @@ impl<D: Datapath> Reconciler<D> {
     /// Ids a port's frontends use: service-port ids stay what their masters
     /// carry (restart), the others are fresh.
     fn resolve_ids<'a>(&mut self, desired: &'a DesiredState) -> Vec<PortEntries<'a>> {
+        // Every id first, then the entries: ids are kept and entries freed
+        // after the sync, and allocating them in turn would leave the
+        // entries' memory as holes between kept ids, which the allocator
+        // cannot give back.
+        for (name, plan) in &desired.ports {
+            self.resolve_port(name, plan);
+        }
         desired
             .ports
             .iter()

@@ -18,7 +18,7 @@ fn slice(
 ) -> SliceInfo {
     SliceInfo {
         key: key(namespace, name),
-        service: service.to_owned(),
+        service: key(namespace, service),
         ports: ports
             .iter()
             .map(|&(name, protocol, port)| SlicePortInfo {

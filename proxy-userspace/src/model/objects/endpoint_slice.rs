@@ -54,8 +54,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Admission<SliceInfo>, Inv
         .collect::<Result<_, _>>()?;
     Ok(Admission::Proxied(
         SliceInfo {
+            service: ObjectKey::new(key.namespace(), service),
             key,
-            service: service.to_owned(),
             ports,
             endpoints,
         }
@@ -181,11 +181,8 @@ fn mirrored_slice(
         "subsets[].notReadyAddresses[].ip",
     )?);
     Ok(SliceInfo {
-        key: ObjectKey::new(
-            key.namespace.clone(),
-            format!("{}-mirrored-{index}", key.name),
-        ),
-        service: key.name.clone(),
+        key: ObjectKey::new(key.namespace(), format!("{}-mirrored-{index}", key.name())),
+        service: key.clone(),
         ports: slice_ports(ports, SUBSET_PORT_FIELDS)?,
         endpoints,
     }

@@ -412,7 +412,7 @@ endpoints:
         proxied_slice(&slice),
         SliceInfo {
             key: key("shop", "web-abc"),
-            service: "web".into(),
+            service: key("shop", "web"),
             ports: vec![
                 SlicePortInfo {
                     name: "http".into(),
@@ -564,7 +564,7 @@ subsets:
     let expected = vec![
         SliceInfo {
             key: key("shop", "legacy-mirrored-0"),
-            service: "legacy".into(),
+            service: key("shop", "legacy"),
             ports: vec![
                 SlicePortInfo {
                     name: "http".into(),
@@ -587,7 +587,7 @@ subsets:
         },
         SliceInfo {
             key: key("shop", "legacy-mirrored-1"),
-            service: "legacy".into(),
+            service: key("shop", "legacy"),
             ports: vec![],
             endpoints: vec![endpoint("10.0.0.3", true, true, false)],
         },

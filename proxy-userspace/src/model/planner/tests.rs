@@ -149,7 +149,7 @@ fn rule_05_a_slice_moving_to_another_service_replans_both() {
     planner.apply(snapshot.clone());
 
     let moved = SliceInfo {
-        service: "api".into(),
+        service: ObjectKey::new(slice.key.namespace(), "api"),
         ..slice
     };
     snapshot.slices.insert(moved.key.clone(), Arc::new(moved));
@@ -157,7 +157,7 @@ fn rule_05_a_slice_moving_to_another_service_replans_both() {
     let services: BTreeSet<&str> = change
         .ports
         .iter()
-        .map(|name| name.service.name.as_str())
+        .map(|name| name.service.name())
         .collect();
     assert_eq!(services, BTreeSet::from(["api", "web"]));
     assert_eq!(planner.desired(), &desired_state(&snapshot));

@@ -196,7 +196,7 @@ fn a_port_refused_for_room_is_programmed_once_a_delete_frees_it() {
     let report = reconciler.sync_change(planner.desired(), &change);
     assert_eq!(report.over_capacity.len(), 1);
     let refused = report.over_capacity[0].0.clone();
-    assert_eq!(refused.service.name, "b");
+    assert_eq!(refused.service.name(), "b");
 
     // An unrelated change that deletes "a" makes room for "b".
     snapshot.services.remove(&fixtures::key("default", "a"));
