@@ -24,13 +24,16 @@ pub use endpoint_slice::{endpoint_slice, endpoints};
 pub use node::node;
 pub use service::service;
 
-/// Namespace and name of an object, in one shared allocation: one key sits
-/// in the source's store, the snapshot and every index the planner and
-/// reconciler keep, so a clone is a reference count.
+/// Namespace and name of an object, shared: one key sits in the source's
+/// store, the snapshot and every index the planner and reconciler keep, so
+/// a clone is a reference count, and a map entry holds one pointer.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct ObjectKey {
+pub struct ObjectKey(Arc<KeyText>);
+
+#[derive(PartialEq, Eq, Hash)]
+struct KeyText {
     /// The namespace, then the name.
-    text: Arc<str>,
+    text: Box<str>,
     /// Where the name starts in `text`.
     name_at: u32,
 }
@@ -41,20 +44,20 @@ impl ObjectKey {
         let mut text = String::with_capacity(namespace.len() + name.len());
         text.push_str(namespace);
         text.push_str(name);
-        Self {
-            text: text.into(),
+        Self(Arc::new(KeyText {
+            text: text.into_boxed_str(),
             // Both come from an object that fit in memory; a namespace of
             // 4 GiB would already have been refused by the API server.
             name_at: u32::try_from(namespace.len()).unwrap_or(u32::MAX),
-        }
+        }))
     }
 
     pub fn namespace(&self) -> &str {
-        &self.text[..self.name_at as usize]
+        &self.0.text[..self.0.name_at as usize]
     }
 
     pub fn name(&self) -> &str {
-        &self.text[self.name_at as usize..]
+        &self.0.text[self.0.name_at as usize..]
     }
 }
 

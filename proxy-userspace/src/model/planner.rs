@@ -13,6 +13,10 @@ use std::{
     sync::Arc,
 };
 
+use smallvec::SmallVec;
+
+use crate::compact::Compact;
+
 use super::{
     ClusterSnapshot, DesiredState, Frontend, FrontendPlan, HealthCheck, NodeInfo,
     NodePortAddresses, ObjectKey, ServiceInfo, ServicePortName, ServicePortPlan, SliceInfo,
@@ -53,24 +57,27 @@ impl PlanChange {
     }
 }
 
+/// Most Services have one slice and one port, and most frontends one
+/// claimant: that one is kept inline, where a vector would allocate room
+/// for four (and at 100k Services, a few megabytes per map).
+type OneOrMore<T> = SmallVec<[T; 1]>;
+
 #[derive(Default)]
 pub struct Planner {
     /// The last snapshot applied; `None` before the first.
     last: Option<ClusterSnapshot>,
     node: NodeView,
-    /// Slices by the Service they name (rule 5).
-    /// (Sorted vectors: most hold one entry, and a set's node would cost
-    /// ten times that.)
-    slices_of: BTreeMap<ObjectKey, Vec<ObjectKey>>,
+    /// Slices by the Service they name (rule 5), sorted.
+    slices_of: BTreeMap<ObjectKey, OneOrMore<ObjectKey>>,
     /// The service ports each Service planned.
-    ports_of: BTreeMap<ObjectKey, Vec<ServicePortName>>,
+    ports_of: BTreeMap<ObjectKey, OneOrMore<ServicePortName>>,
     /// The plan before frontend conflicts were settled, of each service
     /// port that lost a frontend to another (for the others, it is the
     /// desired one).
     unsettled: BTreeMap<ServicePortName, ServicePortPlan>,
     /// The service ports that claim each frontend, sorted; the first keeps
     /// it.
-    claims: BTreeMap<Frontend, Vec<ServicePortName>>,
+    claims: BTreeMap<Frontend, OneOrMore<ServicePortName>>,
     /// Frontends claimed more than once.
     contested: BTreeSet<Frontend>,
     /// How many Services use each ClusterIP.
@@ -142,10 +149,7 @@ impl Planner {
             }
             if let Some(new) = new {
                 let service = new.service.clone();
-                let slices = self
-                    .slices_of
-                    .entry(service.clone())
-                    .or_insert_with(|| Vec::with_capacity(1));
+                let slices = self.slices_of.entry(service.clone()).or_default();
                 if let Err(at) = slices.binary_search(&key) {
                     slices.insert(at, key);
                 }
@@ -188,8 +192,24 @@ impl Planner {
             self.replan(key, old, &snapshot, &mut change);
         }
         self.settle(&mut change);
+        if change.everything {
+            snapshot.services.compact();
+            snapshot.slices.compact();
+            self.compact();
+        }
         self.last = Some(snapshot);
         change
+    }
+
+    /// After planning everything: see [`Compact`].
+    fn compact(&mut self) {
+        self.slices_of.compact();
+        self.ports_of.compact();
+        self.claims.compact();
+        self.cluster_ip_users.compact();
+        self.health_checks.compact();
+        self.desired.ports.compact();
+        self.desired.cluster_ips.compact();
     }
 
     /// Plans one Service again (or forgets it), recording what it claims.
@@ -236,7 +256,7 @@ impl Planner {
             .filter_map(|slice| snapshot.slices.get(slice).map(Arc::as_ref))
             .collect();
         let plan = service_plan(&self.node, service, &slices);
-        let mut names = Vec::with_capacity(plan.ports.len());
+        let mut names = OneOrMore::with_capacity(plan.ports.len());
         for (name, port_plan) in plan.ports {
             for frontend_plan in &port_plan.frontends {
                 self.claim(frontend_plan.frontend, &name, change);
@@ -273,11 +293,7 @@ impl Planner {
     /// A frontend's claimants settle it again: every one of them is
     /// touched (the first may change).
     fn claim(&mut self, frontend: Frontend, name: &ServicePortName, change: &mut PlanChange) {
-        // Most frontends have one claimant: room for one, not four.
-        let claimants = self
-            .claims
-            .entry(frontend)
-            .or_insert_with(|| Vec::with_capacity(1));
+        let claimants = self.claims.entry(frontend).or_default();
         if let Err(at) = claimants.binary_search(name) {
             claimants.insert(at, name.clone());
         }

@@ -2,6 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::compact::Compact;
+
 /// Hands out ids >= 1 (0 means "none" in the maps), keeps an item's id for
 /// as long as the item is wanted, and never hands out an id the maps still
 /// use for something else. Fresh ids continue after the highest id the maps
@@ -80,6 +82,13 @@ impl<T: Ord + Clone> IdAllocator<T> {
         self.by_item.retain(|_, id| keep(*id));
         self.owned.retain(|id| keep(*id));
         self.used.retain(|id| keep(*id));
+    }
+
+    /// See [`Compact`].
+    pub fn compact(&mut self) {
+        self.by_item.compact();
+        self.owned.compact();
+        self.used.compact();
     }
 
     fn fresh(&mut self) -> u32 {

@@ -5,15 +5,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proxy_common::{AffinityMatchKey, ServiceKey, ServiceValue};
+use smallvec::SmallVec;
+
+use crate::compact::Compact;
 
 use crate::maps::codec;
 
 #[derive(Debug, Default)]
 pub(super) struct Index {
-    /// Masters (slot 0) by the service-port id they carry, sorted (a
-    /// vector: most service ports have one or two frontends, and a set's
-    /// node would cost ten times that).
-    pub masters_by_svc: BTreeMap<u32, Vec<ServiceKey>>,
+    /// Masters (slot 0) by the service-port id they carry, sorted; most
+    /// service ports have one or two, kept inline.
+    pub masters_by_svc: BTreeMap<u32, SmallVec<[ServiceKey; 2]>>,
     /// Rule 9 entries held.
     pub wildcards: BTreeSet<ServiceKey>,
     /// How many masters name each rev-NAT id.
@@ -52,10 +54,7 @@ impl Index {
             self.wildcards.insert(*key);
         }
         if value.svc_id != 0 {
-            let masters = self
-                .masters_by_svc
-                .entry(value.svc_id)
-                .or_insert_with(|| Vec::with_capacity(1));
+            let masters = self.masters_by_svc.entry(value.svc_id).or_default();
             if let Err(at) = masters.binary_search(key) {
                 masters.insert(at, *key);
             }
@@ -104,6 +103,15 @@ impl Index {
                 self.affinity_by_svc.remove(&pair.svc_id);
             }
         }
+    }
+
+    /// See [`Compact`].
+    pub fn compact(&mut self) {
+        self.masters_by_svc.compact();
+        self.wildcards.compact();
+        self.rev_nat_names.compact();
+        self.backend_refs.compact();
+        self.affinity_by_svc.compact();
     }
 
     pub fn masters_of(&self, svc_id: u32) -> impl Iterator<Item = &ServiceKey> {

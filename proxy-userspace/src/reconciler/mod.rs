@@ -52,6 +52,8 @@ use crate::{
     },
 };
 use ids::{IdAllocator, IdTable};
+
+use crate::compact::Compact;
 use index::Index;
 
 /// The maps the reconciler writes (the datapath writes the others).
@@ -617,7 +619,24 @@ impl<D: Datapath> Reconciler<D> {
                 report.then(next)
             };
         self.remember_unsettled(&report);
+        if report.frontends_written + report.backends_added > 0 {
+            self.compact();
+        }
         report
+    }
+
+    /// After a full sync that wrote: see [`Compact`].
+    fn compact(&mut self) {
+        self.services.compact();
+        self.backends.compact();
+        self.rev_nat.compact();
+        self.source_ranges.compact();
+        self.affinity_match.compact();
+        self.maglev.compact();
+        self.backend_ids.compact();
+        self.svc_ids.compact();
+        self.rev_nat_ids.compact();
+        self.index.compact();
     }
 
     fn any_refused_port_fits(&mut self, desired: &DesiredState, report: &SyncReport) -> bool {

@@ -33,6 +33,7 @@ use kube::{
 };
 
 use super::{SourceStatus, SourceUpdate, UpdateSender};
+use crate::compact::Compact;
 use crate::model::{
     Changes, ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
     objects::{self, Admission, InvalidObject},
@@ -338,7 +339,8 @@ impl<T: Clone + Keyed> Store<T> {
                 removed
             }
             watcher::Event::InitDone => {
-                if let Some(listed) = self.listing.take() {
+                if let Some(mut listed) = self.listing.take() {
+                    listed.compact();
                     self.live = listed;
                     self.relisted = true;
                 }
