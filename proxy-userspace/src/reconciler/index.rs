@@ -11,7 +11,7 @@ use crate::compact::Compact;
 
 use crate::maps::codec;
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Index {
     /// Masters (slot 0) by the service-port id they carry, sorted; most
     /// service ports have one or two, kept inline.

@@ -522,20 +522,16 @@ impl<D: Datapath> Reconciler<D> {
     /// are reserved until the sync deletes those entries. A Maglev table
     /// is known by its key only: one rewritten in place is not noticed.
     pub fn reread(&mut self) -> Result<(), DatapathError> {
-        let services: BTreeMap<_, _> = self.datapath.services()?.into_iter().collect();
-        let backends: BTreeMap<_, _> = self.datapath.backends()?.into_iter().collect();
-        let rev_nat: BTreeMap<_, _> = self.datapath.rev_nats()?.into_iter().collect();
-        let source_ranges: BTreeSet<_> = self.datapath.source_ranges()?.into_iter().collect();
-        let affinity_match = self.datapath.affinity_matches()?.into_iter().collect();
+        let services = self.datapath.services()?;
+        let backends = self.datapath.backends()?;
+        let rev_nat = self.datapath.rev_nats()?;
+        let source_ranges = self.datapath.source_ranges()?;
+        let affinity_match = self.datapath.affinity_matches()?;
         let maglev_keys = self.datapath.maglev_tables()?;
-        for id in backends.keys() {
+        for (id, _) in &backends {
             self.backend_ids.reserve(*id);
         }
-        for master in services
-            .iter()
-            .filter(|(key, _)| key.slot == 0)
-            .map(|(_, master)| master)
-        {
+        for (_, master) in services.iter().filter(|(key, _)| key.slot == 0) {
             if master.svc_id != 0 {
                 self.svc_ids.reserve(master.svc_id);
             }
@@ -544,29 +540,52 @@ impl<D: Datapath> Reconciler<D> {
             }
         }
         for id in rev_nat
-            .keys()
-            .copied()
+            .iter()
+            .map(|(id, _)| *id)
             .chain(source_ranges.iter().map(|range| range.rev_nat_id))
         {
             self.rev_nat_ids.reserve(id);
         }
-        self.maglev = maglev_keys
-            .into_iter()
-            .map(|key| (key, self.maglev.remove(&key).flatten()))
-            .collect();
-        self.services = services;
-        self.backends = backends;
-        self.rev_nat = rev_nat;
-        self.source_ranges = source_ranges;
-        self.affinity_match = affinity_match;
-        self.index = Index::of(
-            &self.services,
-            self.maglev
-                .values()
-                .flatten()
-                .flat_map(|build| build.backend_ids.values().copied()),
-            &self.affinity_match,
-        );
+        // In place, and the index with it: a resync that finds the maps as
+        // they were allocates nothing (a rebuilt mirror would leave the old
+        // one's memory as holes between what stays).
+        let maglev_held = self.maglev.len() == maglev_keys.len()
+            && maglev_keys.iter().all(|key| self.maglev.contains_key(key));
+        if !maglev_held {
+            self.maglev = maglev_keys
+                .into_iter()
+                .map(|key| (key, self.maglev.remove(&key).flatten()))
+                .collect();
+        }
+        let index = &mut self.index;
+        refresh(&mut self.services, services, |key, old, new| {
+            if let Some(old) = old {
+                index.remove_service(key, old);
+            }
+            if let Some(new) = new {
+                index.add_service(key, new);
+            }
+        });
+        refresh(&mut self.backends, backends, |_, _, _| {});
+        refresh(&mut self.rev_nat, rev_nat, |_, _, _| {});
+        refresh_set(&mut self.source_ranges, source_ranges, |_, _| {});
+        refresh_set(&mut self.affinity_match, affinity_match, |pair, held| {
+            if held {
+                index.add_affinity(*pair);
+            } else {
+                index.remove_affinity(pair);
+            }
+        });
+        if !maglev_held {
+            self.index = Index::of(
+                &self.services,
+                self.maglev
+                    .values()
+                    .flatten()
+                    .flat_map(|build| build.backend_ids.values().copied()),
+                &self.affinity_match,
+            );
+        }
         Ok(())
     }
 
@@ -1200,6 +1219,56 @@ fn cluster_ip_wildcards<'a>(
                 .map(|protocol| codec::cluster_ip_wildcard(*addr, protocol))
         })
         .collect()
+}
+
+/// Makes `mirror` hold exactly `now` (as read from a map, in any order),
+/// telling `changed` each key whose value went (`old`) or came (`new`).
+fn refresh<K: Ord + Copy, V: PartialEq + Copy>(
+    mirror: &mut BTreeMap<K, V>,
+    mut now: Vec<(K, V)>,
+    mut changed: impl FnMut(&K, Option<&V>, Option<&V>),
+) {
+    now.sort_unstable_by_key(|(key, _)| *key);
+    let gone: Vec<K> = mirror
+        .keys()
+        .filter(|key| now.binary_search_by(|(held, _)| held.cmp(key)).is_err())
+        .copied()
+        .collect();
+    for key in gone {
+        if let Some(old) = mirror.remove(&key) {
+            changed(&key, Some(&old), None);
+        }
+    }
+    for (key, value) in now {
+        let old = mirror.insert(key, value);
+        if old != Some(value) {
+            changed(&key, old.as_ref(), Some(&value));
+        }
+    }
+}
+
+/// [`refresh`] for a set: `changed` gets each entry that came (`true`) or
+/// went (`false`).
+fn refresh_set<T: Ord + Copy>(
+    mirror: &mut BTreeSet<T>,
+    mut now: Vec<T>,
+    mut changed: impl FnMut(&T, bool),
+) {
+    now.sort_unstable();
+    let gone: Vec<T> = mirror
+        .iter()
+        .filter(|entry| now.binary_search(entry).is_err())
+        .copied()
+        .collect();
+    for entry in gone {
+        mirror.remove(&entry);
+        changed(&entry, false);
+    }
+    for entry in now {
+        if mirror.insert(entry) {
+            changed(&entry, true);
+        }
+    }
 }
 
 /// What the desired state wants to survive the delete phase. A port whose

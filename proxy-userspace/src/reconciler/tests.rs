@@ -1811,8 +1811,8 @@ fn reread_lets_the_next_sync_repair_what_others_changed_in_the_maps() {
     assert!(reconciler.sync(&state).is_complete());
     let programmed = snapshot(reconciler.datapath());
 
-    // Someone else deletes web's master and a backend, points api's slot
-    // elsewhere and adds a frontend of their own.
+    // Someone else deletes web's master, a backend and the affinity
+    // pairs, points api's slot elsewhere and adds a frontend of their own.
     let web_master = codec::service_key(&frontend(10), scope::INTERNAL, 0);
     let api_slot = codec::service_key(&frontend(20), scope::INTERNAL, 1);
     let stranger = codec::service_key(&frontend(30), scope::INTERNAL, 0);
@@ -1822,12 +1822,24 @@ fn reread_lets_the_next_sync_repair_what_others_changed_in_the_maps() {
     maps.backends.remove(&backend_id);
     maps.services.insert(api_slot, ServiceValue::slot(999));
     maps.services.insert(stranger, ServiceValue::slot(0));
+    assert!(!maps.affinity_match.is_empty());
+    maps.affinity_match.clear();
 
     assert!(
         reconciler.sync(&state).is_noop(),
         "without a reread the mirror hides the damage"
     );
     reconciler.reread().unwrap();
+    let rebuilt = Index::of(
+        &reconciler.services,
+        reconciler
+            .maglev
+            .values()
+            .flatten()
+            .flat_map(|build| build.backend_ids.values().copied()),
+        &reconciler.affinity_match,
+    );
+    assert_eq!(reconciler.index, rebuilt, "the mirror's index follows it");
     let report = reconciler.sync(&state);
     assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.frontends_deleted, 1, "the stranger goes: {report:?}");
