@@ -11,7 +11,7 @@
 
 pub mod agent;
 pub mod agent_health;
-pub mod compact;
+pub mod collections;
 pub mod conntrack;
 pub mod explain;
 pub mod host;

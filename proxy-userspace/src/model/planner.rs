@@ -15,7 +15,7 @@ use std::{
 
 use smallvec::SmallVec;
 
-use crate::compact::Compact;
+use crate::collections::{Compact, insert_sorted, remove_sorted};
 
 use super::{
     ClusterSnapshot, DesiredState, Frontend, FrontendPlan, HealthCheck, NodeInfo,
@@ -58,8 +58,7 @@ impl PlanChange {
 }
 
 /// Most Services have one slice and one port, and most frontends one
-/// claimant: that one is kept inline, where a vector would allocate room
-/// for four (and at 100k Services, a few megabytes per map).
+/// claimant: see [`crate::collections`].
 type OneOrMore<T> = SmallVec<[T; 1]>;
 
 #[derive(Default)]
@@ -138,9 +137,7 @@ impl Planner {
             if let Some(old) = old {
                 let service = old.service.clone();
                 if let Some(slices) = self.slices_of.get_mut(&service) {
-                    if let Ok(at) = slices.binary_search(&key) {
-                        slices.remove(at);
-                    }
+                    remove_sorted(slices, &key);
                     if slices.is_empty() {
                         self.slices_of.remove(&service);
                     }
@@ -149,10 +146,7 @@ impl Planner {
             }
             if let Some(new) = new {
                 let service = new.service.clone();
-                let slices = self.slices_of.entry(service.clone()).or_default();
-                if let Err(at) = slices.binary_search(&key) {
-                    slices.insert(at, key);
-                }
+                insert_sorted(self.slices_of.entry(service.clone()).or_default(), key);
                 if !first {
                     services.insert(service);
                 }
@@ -294,9 +288,7 @@ impl Planner {
     /// touched (the first may change).
     fn claim(&mut self, frontend: Frontend, name: &ServicePortName, change: &mut PlanChange) {
         let claimants = self.claims.entry(frontend).or_default();
-        if let Err(at) = claimants.binary_search(name) {
-            claimants.insert(at, name.clone());
-        }
+        insert_sorted(claimants, name.clone());
         if claimants.len() > 1 {
             self.contested.insert(frontend);
             change.ports.extend(claimants.iter().cloned());
@@ -307,9 +299,7 @@ impl Planner {
         let Some(claimants) = self.claims.get_mut(&frontend) else {
             return;
         };
-        if let Ok(at) = claimants.binary_search(name) {
-            claimants.remove(at);
-        }
+        remove_sorted(claimants, name);
         change.ports.extend(claimants.iter().cloned());
         match claimants.len() {
             0 => {

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::compact::Compact;
+use crate::collections::Compact;
 
 /// Hands out ids >= 1 (0 means "none" in the maps), keeps an item's id for
 /// as long as the item is wanted, and never hands out an id the maps still

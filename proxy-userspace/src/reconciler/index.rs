@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proxy_common::{AffinityMatchKey, ServiceKey, ServiceValue};
 use smallvec::SmallVec;
 
-use crate::compact::Compact;
+use crate::collections::{Compact, insert_sorted, remove_sorted};
 
 use crate::maps::codec;
 
@@ -54,10 +54,7 @@ impl Index {
             self.wildcards.insert(*key);
         }
         if value.svc_id != 0 {
-            let masters = self.masters_by_svc.entry(value.svc_id).or_default();
-            if let Err(at) = masters.binary_search(key) {
-                masters.insert(at, *key);
-            }
+            insert_sorted(self.masters_by_svc.entry(value.svc_id).or_default(), *key);
         }
         if value.rev_nat_id != 0 {
             *self.rev_nat_names.entry(value.rev_nat_id).or_default() += 1;
@@ -71,9 +68,7 @@ impl Index {
         }
         self.wildcards.remove(key);
         if let Some(masters) = self.masters_by_svc.get_mut(&value.svc_id) {
-            if let Ok(at) = masters.binary_search(key) {
-                masters.remove(at);
-            }
+            remove_sorted(masters, key);
             if masters.is_empty() {
                 self.masters_by_svc.remove(&value.svc_id);
             }

@@ -53,7 +53,7 @@ use crate::{
 };
 use ids::{IdAllocator, IdTable};
 
-use crate::compact::Compact;
+use crate::collections::Compact;
 use index::Index;
 
 /// The maps the reconciler writes (the datapath writes the others).
@@ -547,8 +547,9 @@ impl<D: Datapath> Reconciler<D> {
             self.rev_nat_ids.reserve(id);
         }
         // In place, and the index with it: a resync that finds the maps as
-        // they were allocates nothing (a rebuilt mirror would leave the old
-        // one's memory as holes between what stays).
+        // they were allocates nothing beyond the entries just read, one
+        // block per map (a rebuilt mirror would leave the old one's memory
+        // as holes between what stays).
         let maglev_held = self.maglev.len() == maglev_keys.len()
             && maglev_keys.iter().all(|key| self.maglev.contains_key(key));
         if !maglev_held {
@@ -691,12 +692,15 @@ impl<D: Datapath> Reconciler<D> {
     /// Ids a port's frontends use: service-port ids stay what their masters
     /// carry (restart), the others are fresh.
     fn resolve_ids<'a>(&mut self, desired: &'a DesiredState) -> Vec<PortEntries<'a>> {
-        // Every id first, then the entries: ids are kept and entries freed
-        // after the sync, and allocating them in turn would leave the
+        // New ports' ids first, then the entries: ids are kept and entries
+        // freed after the sync, and allocating them in turn would leave the
         // entries' memory as holes between kept ids, which the allocator
-        // cannot give back.
+        // cannot give back. A port with an id already (every one, at a
+        // resync) allocates no ids.
         for (name, plan) in &desired.ports {
-            self.resolve_port(name, plan);
+            if self.svc_ids.get(name).is_none() {
+                self.resolve_port(name, plan);
+            }
         }
         desired
             .ports

@@ -33,7 +33,7 @@ use kube::{
 };
 
 use super::{SourceStatus, SourceUpdate, UpdateSender};
-use crate::compact::Compact;
+use crate::collections::Compact;
 use crate::model::{
     Changes, ClusterSnapshot, NodeInfo, ObjectKey, ServiceInfo, SliceInfo,
     objects::{self, Admission, InvalidObject},
