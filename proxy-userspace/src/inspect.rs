@@ -95,14 +95,30 @@ fn source_ranges(bpffs: &Path) -> Result<BTreeSet<SourceRangeEntry>> {
     Ok(keys.iter().filter_map(codec::source_range_entry).collect())
 }
 
+/// How many times [`frontends`] reads the maps before it shows a slot whose
+/// backend it could not find.
+const CONSISTENT_READ_ATTEMPTS: usize = 5;
+
+/// The frontends as the datapath holds them. The maps are read one after
+/// the other while a running agent may be writing them: a slot read before
+/// the agent retired its backend names an id that is gone by the time the
+/// backends are read. Such a read is taken again; a dangling slot that
+/// stays is shown (as a backend of `null`).
 pub fn frontends(bpffs: &Path) -> Result<Vec<FrontendRow>> {
     let map: HashMap<_, ServiceKey, ServiceValue> = hash_map(bpffs, map_names::SERVICES)?;
-    let services: BTreeMap<ServiceKey, ServiceValue> = map.iter().collect::<Result<_, _>>()?;
-    Ok(frontend_rows(
-        &services,
-        &backends(bpffs)?,
-        &source_ranges(bpffs)?,
-    ))
+    let mut attempt = 1;
+    loop {
+        let services: BTreeMap<ServiceKey, ServiceValue> = map.iter().collect::<Result<_, _>>()?;
+        let rows = frontend_rows(&services, &backends(bpffs)?, &source_ranges(bpffs)?);
+        let dangling = rows
+            .iter()
+            .flat_map(|row| &row.backends)
+            .any(|backend| backend.backend.is_none());
+        if !dangling || attempt == CONSISTENT_READ_ATTEMPTS {
+            return Ok(rows);
+        }
+        attempt += 1;
+    }
 }
 
 /// One row per master entry, by frontend, the internal scope first.
