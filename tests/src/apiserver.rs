@@ -798,9 +798,11 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             let service = service_fn(move |request| std::future::ready(respond(&shared, &request)));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             // A kill drops the connection: its socket closes mid-stream.
+            // Checked first, so no poll after a kill writes one more event.
             tokio::select! {
-                _ = connection => {}
+                biased;
                 _ = kills.changed() => {}
+                _ = connection => {}
             }
         });
     }
@@ -1525,11 +1527,12 @@ mod tests {
         let rv2 = api.apply(slice("", "10.0.0.2"));
 
         let mut client = Client::new(&ns, &api);
+        // Before the request: the server's deadline starts after it.
+        let start = Instant::now();
         client.watch(&format!(
-            "/apis/discovery.k8s.io/v1/endpointslices?watch=true&labelSelector={}&resourceVersion={rv1}&allowWatchBookmarks=true&timeoutSeconds=3",
+            "/apis/discovery.k8s.io/v1/endpointslices?watch=true&labelSelector={}&resourceVersion={rv1}&allowWatchBookmarks=true&timeoutSeconds=5",
             encode(SELECTOR)
         ));
-        let start = Instant::now();
         let replayed = client.next_change().unwrap();
         assert_eq!(
             summary(&replayed),
@@ -1567,7 +1570,9 @@ mod tests {
         // Other kinds are not this watch's business.
         let rv7 = api.apply(svc("demo", "web", ""));
 
-        // Bookmarks about every second, then the end after timeoutSeconds.
+        // Bookmarks about every second, then the end after timeoutSeconds
+        // (the steps above may have taken most of it on a loaded host, so
+        // only the last bookmark is sure to come here).
         let mut bookmarks = Vec::new();
         while let Some(event) = client.next_event() {
             assert_eq!(event["type"], "BOOKMARK", "{event}");
@@ -1582,11 +1587,10 @@ mod tests {
         }
         let elapsed = start.elapsed();
         assert!(
-            elapsed >= Duration::from_millis(2900) && elapsed < Duration::from_secs(5),
+            elapsed >= Duration::from_secs(5) && elapsed < Duration::from_secs(15),
             "{elapsed:?}"
         );
-        assert!((2..=3).contains(&bookmarks.len()), "{bookmarks:?}");
-        assert_eq!(bookmarks.last().unwrap(), &rv7.to_string());
+        assert_eq!(bookmarks.last(), Some(&rv7.to_string()), "{bookmarks:?}");
         // The server thread counts the watch closed right after the last chunk.
         let closed = Instant::now();
         while api.open_watches() > 0 {

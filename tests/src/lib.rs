@@ -1078,14 +1078,16 @@ mod tests {
 
     #[test]
     fn leftovers_of_dead_processes_are_removed() {
-        // No pid is above the kernel's maximum (4194304).
+        // No pid is above the kernel's maximum (4194304). The prefix is
+        // this run's own: another run at the same time has other names.
         let dead = 4_194_305;
-        let tmp = std::env::temp_dir().join(format!("eplo-{dead}-0"));
+        let prefix = format!("eplo{}", std::process::id());
+        let tmp = std::env::temp_dir().join(format!("{prefix}-{dead}-0"));
         fs::create_dir_all(&tmp).unwrap();
-        let ns = format!("eplo-{dead}-1");
+        let ns = format!("{prefix}-{dead}-1");
         run_checked(Command::new("ip").args(["netns", "add", &ns])).unwrap();
-        let mine = TempDir::new("eplo").unwrap();
-        let removed = remove_leftovers("eplo", false);
+        let mine = TempDir::new(&prefix).unwrap();
+        let removed = remove_leftovers(&prefix, false);
         assert_eq!(removed.len(), 2, "{removed:?}");
         assert!(!tmp.exists());
         assert!(!Path::new(NETNS_DIR).join(&ns).exists());

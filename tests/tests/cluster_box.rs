@@ -14,6 +14,12 @@ use serde_json::Value;
 
 const LISTENERS: [&str; 4] = ["--tcp", "0.0.0.0:9000", "--udp", "0.0.0.0:5353"];
 
+/// The client's timeout where the answer is ICMP unreachable. The first
+/// ICMP can reach the socket while `connect()` still holds it, and then
+/// only the SYN retransmitted after 1 s fails the connect; 2 s would leave
+/// a loaded host too little room.
+const UNREACHABLE_MS: &str = "5000";
+
 fn box_of(prefix: &str) -> Cluster {
     assert!(
         unsafe { libc::geteuid() } == 0,
@@ -105,7 +111,17 @@ fn external_clients_reach_node_addresses_but_not_pods() {
             Outcome::Refused
         );
         // Pod addresses are not routed from outside (the router says so).
-        let result = first(client.run(&["tcp", "--to", "10.244.1.11:9000"]).unwrap());
+        let result = first(
+            client
+                .run(&[
+                    "tcp",
+                    "--to",
+                    "10.244.1.11:9000",
+                    "--timeout-ms",
+                    UNREACHABLE_MS,
+                ])
+                .unwrap(),
+        );
         assert_eq!(result, Outcome::Unreachable);
     }
 }
@@ -118,7 +134,11 @@ fn frontend_addresses_go_where_the_router_sends_them() {
     let to = format!("{frontend}:80");
     // Owned by no node and not translated: node1 says unreachable at once.
     assert_eq!(
-        first(client.run(&["tcp", "--to", &to]).unwrap()),
+        first(
+            client
+                .run(&["tcp", "--to", &to, "--timeout-ms", UNREACHABLE_MS])
+                .unwrap()
+        ),
         Outcome::Unreachable
     );
 
@@ -138,7 +158,16 @@ fn frontend_addresses_go_where_the_router_sends_them() {
     }
     // The same for a ClusterIP from a pod, when its socket is not translated.
     let pod = cluster.add_pod(2, "client", "10.244.2.2").unwrap();
-    let result = first(pod.run(&["tcp", "--to", "10.96.0.10:80"]).unwrap());
+    let result = first(
+        pod.run(&[
+            "tcp",
+            "--to",
+            "10.96.0.10:80",
+            "--timeout-ms",
+            UNREACHABLE_MS,
+        ])
+        .unwrap(),
+    );
     assert_eq!(result, Outcome::Unreachable);
 
     let seen = |n: usize| answered(&format!("node{n}-host"), EXTERNAL_CLIENT_IP);
@@ -152,11 +181,16 @@ fn frontend_addresses_go_where_the_router_sends_them() {
 /// `ip -o link` and `ip -o addr` of the root namespace and its routes.
 fn root_namespace() -> String {
     let mut out = String::new();
-    for args in [&["-o", "link"][..], &["-o", "addr"], &["route"]] {
+    // Link flags, address lifetimes and counters may change on their own;
+    // keep what names a link, an address or a route: the leading fields.
+    for (args, kept) in [
+        (&["-o", "link"][..], 2),
+        (&["-o", "addr"], 4),
+        (&["route"], 4),
+    ] {
         let text = run_checked(Command::new("ip").args(args)).unwrap();
-        // Link state and counters may change on their own; keep names.
         for line in text.lines() {
-            let fields: Vec<&str> = line.split_whitespace().take(4).collect();
+            let fields: Vec<&str> = line.split_whitespace().take(kept).collect();
             out.push_str(&fields.join(" "));
             out.push('\n');
         }

@@ -121,7 +121,7 @@ fn agent_migrates_pins_of_the_previous_layout() {
             && log.contains("migration finished"),
         "the agent did not migrate:\n{log}"
     );
-    let answering = node.answering(&format!("{VIP}:80"), 30);
+    let answering = node.answering(&format!("{VIP}:80"), 60);
     assert_eq!(answering, ["backend-1", "backend-2", "backend-3"]);
 
     let mut left: Vec<String> = fs::read_dir(node.pins.path())
@@ -146,6 +146,6 @@ fn agent_migrates_pins_of_the_previous_layout() {
         "a second start migrated again:\n{}",
         node.agent().log()
     );
-    let answering = node.answering(&format!("{VIP}:80"), 30);
+    let answering = node.answering(&format!("{VIP}:80"), 60);
     assert_eq!(answering, ["backend-1", "backend-2", "backend-3"]);
 }

@@ -272,12 +272,22 @@ fn scenario_17_ignored_services_program_nothing_until_the_label_goes() {
     assert_eq!(backend_of(&node, &format!("{VIP}:80")), "backend-1");
 }
 
-/// `GET NODE_IP:port/` from the node itself (not through the cgroup).
+/// `GET NODE_IP:port/` from the node itself (not through the cgroup). The
+/// agent opens the health server after the sync that programs the Service,
+/// so a refused connect is tried again for a while.
 fn health_check(node: &TestNode, port: u16) -> Value {
-    let out = proxy_tests::run_checked(
-        host(&node.netns, None).args(["http-get", &format!("{NODE_IP}:{port}/any/path")]),
-    )
-    .unwrap();
+    let start = Instant::now();
+    let out = loop {
+        match proxy_tests::run_checked(
+            host(&node.netns, None).args(["http-get", &format!("{NODE_IP}:{port}/any/path")]),
+        ) {
+            Ok(out) => break out,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("no health server on {port}: {e:#}"),
+        }
+    };
     let answer: Value = serde_json::from_str(out.trim()).unwrap();
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     serde_json::json!({"status": answer["status"], "body": body})

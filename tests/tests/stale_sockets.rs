@@ -153,7 +153,7 @@ impl World {
             "--interval-ms",
             "100",
             "--timeout-ms",
-            "1000",
+            "2000",
         ]))
         .unwrap()
     }

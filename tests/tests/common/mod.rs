@@ -143,7 +143,7 @@ impl TestNode {
         )
         .unwrap();
         agent
-            .wait_healthy(&self.netns, Duration::from_secs(20))
+            .wait_healthy(&self.netns, Duration::from_secs(30))
             .unwrap();
         self.agent = Some(agent);
     }
@@ -221,6 +221,23 @@ impl TestNode {
                 self.agent().log_tail(40)
             );
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Tries `attempt` every 100 ms for up to 10 s until it gives `Ok`, and
+/// panics with its last `Err`. The listing can show a change a moment
+/// before the same sync has written every map (rule 9 wildcards and stale
+/// affinity entries go last), so traffic checks after a `wait_for` poll.
+pub fn eventually<T>(what: &str, attempt: impl Fn() -> Result<T, String>) -> T {
+    let start = Instant::now();
+    loop {
+        match attempt() {
+            Ok(done) => return done,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                thread::sleep(Duration::from_millis(100));
+            }
+            Err(last) => panic!("timed out waiting for {what}: {last}"),
         }
     }
 }
