@@ -37,6 +37,8 @@ use std::{
 };
 
 const PREFIX: &str = "epd";
+/// Requests to the ClusterIP and to each external frontend, by default.
+pub const REQUESTS: u32 = 60;
 const CLIENT_IP: &str = "10.244.1.2";
 /// The pods: (node, name, address).
 const BACKENDS: [(usize, &str, &str); 3] = [

@@ -51,7 +51,9 @@ enum Cmd {
     /// Run the two-node demo (sets up and builds first).
     Demo {
         /// Number of requests to the ClusterIP and to each external frontend.
-        #[arg(long, default_value_t = 30)]
+        /// Every pod must answer: at 60, three pods picked at random all
+        /// answer but for about 1 run in 10^10.
+        #[arg(long, default_value_t = demo::REQUESTS)]
         requests: u32,
     },
     /// Benchmarks: connection rate vs. direct, iptables and nftables
@@ -252,7 +254,7 @@ fn test(skip_demo: bool, args: &[String]) -> Result<()> {
     }
     run(cmd.args(args))?;
     if !skip_demo {
-        demo::demo(30)?;
+        demo::demo(demo::REQUESTS)?;
     }
     println!("xtask: test passed");
     Ok(())
