@@ -4,11 +4,6 @@
 //! healthCheckNodePort. The node is "node-1" with the primary address
 //! 192.168.0.2 (on `lo` of the test namespace, like a node's own address).
 
-use std::{
-    thread,
-    time::{Duration, Instant},
-};
-
 use proxy_tests::host;
 use serde_json::Value;
 
@@ -276,18 +271,12 @@ fn scenario_17_ignored_services_program_nothing_until_the_label_goes() {
 /// agent opens the health server after the sync that programs the Service,
 /// so a refused connect is tried again for a while.
 fn health_check(node: &TestNode, port: u16) -> Value {
-    let start = Instant::now();
-    let out = loop {
-        match proxy_tests::run_checked(
+    let out = eventually(&format!("a health server on {port}"), || {
+        proxy_tests::run_checked(
             host(&node.netns, None).args(["http-get", &format!("{NODE_IP}:{port}/any/path")]),
-        ) {
-            Ok(out) => break out,
-            Err(_) if start.elapsed() < Duration::from_secs(10) => {
-                thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("no health server on {port}: {e:#}"),
-        }
-    };
+        )
+        .map_err(|e| format!("{e:#}"))
+    });
     let answer: Value = serde_json::from_str(out.trim()).unwrap();
     let body: Value = serde_json::from_str(answer["body"].as_str().unwrap()).unwrap();
     serde_json::json!({"status": answer["status"], "body": body})
@@ -320,16 +309,13 @@ fn scenario_09_health_check_node_port() {
             "ready: false, serving: true, terminating: true",
         )]),
     );
-    let start = Instant::now();
-    loop {
+    let answer = eventually("503", || {
         let answer = health_check(&node, 32001);
-        if answer["status"] == 503 {
-            assert_eq!(answer["body"]["localEndpoints"], 0, "{answer}");
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "still {answer}");
-        thread::sleep(Duration::from_millis(100));
-    }
+        (answer["status"] == 503)
+            .then(|| answer.clone())
+            .ok_or(format!("still {answer}"))
+    });
+    assert_eq!(answer["body"]["localEndpoints"], 0, "{answer}");
     assert_eq!(backend_of(&node, &format!("{LB_IP}:80")), "backend-1");
 }
 

@@ -448,6 +448,8 @@ fn entries_deleted_or_changed_outside_the_agent_are_put_back_at_the_next_resync(
     let mut services = services_map(&node);
     let master = vip_master(80);
     services.remove(&master).unwrap();
+    // At once: the next resync (every 2 s) puts it back.
+    assert!(services.get(&master, 0).is_err(), "the master is gone");
     let mut backends: HashMap<MapData, u32, Backend> = HashMap::try_from(Map::HashMap(
         open_pinned(node.pins.path(), map_names::BACKENDS).unwrap(),
     ))

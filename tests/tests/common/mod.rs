@@ -226,9 +226,9 @@ impl TestNode {
 }
 
 /// Tries `attempt` every 100 ms for up to 10 s until it gives `Ok`, and
-/// panics with its last `Err`. The listing can show a change a moment
-/// before the same sync has written every map (rule 9 wildcards and stale
-/// affinity entries go last), so traffic checks after a `wait_for` poll.
+/// panics with its last `Err`. For what the agent does a moment after the
+/// listing shows a change: the same sync writes rule 9 wildcards and drops
+/// stale affinity pairs last, and opens health servers after it.
 pub fn eventually<T>(what: &str, attempt: impl Fn() -> Result<T, String>) -> T {
     let start = Instant::now();
     loop {
